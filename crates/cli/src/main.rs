@@ -1,0 +1,53 @@
+//! The `tigon` command.
+
+mod gpu;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tigon",
+    version,
+    about = "Fused-kernel LoRA fine-tuning of Llama-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every CUDA op against its CPU reference on fresh random inputs (outputs poisoned
+    /// first) and print one line per output with its relative error and PASS/FAIL.
+    GpuCheck(gpu::GpuCheckArgs),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Each fused kernel against the unfused composition of simple kernels, same inputs:
+    /// median time, peak extra device memory, and achieved bandwidth or FLOP/s.
+    Kernels(gpu::BenchKernelsArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<i32> = match cli.command {
+        Command::GpuCheck(args) => gpu::gpu_check(args),
+        Command::Bench { what } => match what {
+            BenchCommand::Kernels(args) => gpu::bench_kernels(args),
+        },
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

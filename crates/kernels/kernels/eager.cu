@@ -1,0 +1,73 @@
+// Simple one-op kernels: the "unfused" side of every benchmark. Each reads its inputs from
+// device memory and writes its output back, like one eager framework op, so a composition of
+// them moves the bytes (and pays the launches) a fused kernel saves.
+// Inputs and outputs are f32 or bf16, chosen per argument at run time.
+
+__device__ __forceinline__ float ld(const void* p, long i, int is_bf16) {
+    return is_bf16 ? to_float(((const bf16*)p)[i]) : ((const float*)p)[i];
+}
+__device__ __forceinline__ void st(void* p, long i, int is_bf16, float v) {
+    if (is_bf16) ((bf16*)p)[i] = from_float<bf16>(v); else ((float*)p)[i] = v;
+}
+
+// op: 0 copy/cast, 1 square, 2 rsqrt(x + s), 3 silu, 4 exp, 5 x * s, 6 sigmoid, 7 log,
+//     8 gelu (tanh approximation), 9 x + s, 10 x - s... (see eager.rs UnaryOp)
+extern "C" __global__ void eager_unary(const void* x, int xb, void* y, int yb, long n, int op, float s) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = ld(x, i, xb), r;
+        switch (op) {
+            case 0: r = v; break;
+            case 1: r = v * v; break;
+            case 2: r = rsqrtf(v + s); break;
+            case 3: r = v / (1.0f + expf(-v)); break;
+            case 4: r = expf(v); break;
+            case 5: r = v * s; break;
+            case 6: r = 1.0f / (1.0f + expf(-v)); break;
+            case 7: r = logf(v); break;
+            case 8: { float k = 0.7978845608028654f; r = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v))); } break;
+            case 9: r = v + s; break;
+            default: r = v; break;
+        }
+        st(y, i, yb, r);
+    }
+}
+
+// y = a (op) b. bcast 0: same shape; 1: b is a row vector [cols]; 2: b holds one value per row.
+// op: 0 add, 1 sub, 2 mul, 3 div.
+extern "C" __global__ void eager_binary(const void* a, int ab, const void* b, int bb, void* y, int yb,
+                                        long n, long cols, int bcast, int op) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        long j = bcast == 0 ? i : (bcast == 1 ? i % cols : i / cols);
+        float u = ld(a, i, ab), v = ld(b, j, bb), r;
+        switch (op) {
+            case 0: r = u + v; break;
+            case 1: r = u - v; break;
+            case 2: r = u * v; break;
+            default: r = u / v; break;
+        }
+        st(y, i, yb, r);
+    }
+}
+
+// One block per row: y[row] = sum (op 0), max (op 1) or mean (op 2) of the row, in f32.
+extern "C" __global__ void eager_row_reduce(const void* x, int xb, float* y, long rows, long cols, int op) {
+    __shared__ float scratch[32];
+    for (long row = blockIdx.x; row < rows; row += gridDim.x) {
+        float acc = op == 1 ? NEG_INF : 0.0f;
+        for (long c = threadIdx.x; c < cols; c += blockDim.x) {
+            float v = ld(x, row * cols + c, xb);
+            acc = op == 1 ? fmaxf(acc, v) : acc + v;
+        }
+        acc = op == 1 ? block_max(acc, scratch) : block_sum(acc, scratch);
+        if (threadIdx.x == 0) y[row] = op == 2 ? acc / cols : acc;
+    }
+}
+
+// y[c] = sum over rows of x[row, c] (a weight gradient), in f32.
+extern "C" __global__ void eager_col_sum(const void* x, int xb, float* y, long rows, long cols) {
+    for (long c = blockIdx.x * (long)blockDim.x + threadIdx.x; c < cols; c += (long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (long r = 0; r < rows; r++) acc += ld(x, r * cols + c, xb);
+        y[c] = acc;
+    }
+}

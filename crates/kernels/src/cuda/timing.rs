@@ -1,0 +1,64 @@
+//! CUDA-event timing for benchmarks: warm up, then time each run between two events and
+//! report the median. Events measure device time only, so launch overhead between runs is
+//! not counted unless it stalls the GPU.
+
+use cudarc::driver::{result as drv, sys};
+
+use super::{DriverContext, Gpu};
+use crate::error::Result;
+
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub runs: usize,
+}
+
+struct Event(sys::CUevent);
+
+impl Event {
+    fn new() -> Result<Event> {
+        drv::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .call("cuEventCreate")
+            .map(Event)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = drv::event::destroy(self.0);
+        }
+    }
+}
+
+impl Gpu {
+    /// Run `f` `warmup` times untimed, then `runs` times each between CUDA events.
+    pub fn time<F: FnMut() -> Result<()>>(
+        &self,
+        warmup: usize,
+        runs: usize,
+        mut f: F,
+    ) -> Result<Timing> {
+        self.bind()?;
+        for _ in 0..warmup {
+            f()?;
+        }
+        self.synchronize()?;
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs.max(1) {
+            let (start, stop) = (Event::new()?, Event::new()?);
+            unsafe { drv::event::record(start.0, self.cu_stream()) }.call("cuEventRecord")?;
+            f()?;
+            unsafe { drv::event::record(stop.0, self.cu_stream()) }.call("cuEventRecord")?;
+            unsafe { drv::event::synchronize(stop.0) }.call("cuEventSynchronize")?;
+            let ms = unsafe { drv::event::elapsed(start.0, stop.0) }.call("cuEventElapsedTime")?;
+            times.push(ms as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(Timing {
+            median_ms: times[times.len() / 2],
+            min_ms: times[0],
+            runs: times.len(),
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! One-op CUDA kernels (cast, square, add, mul with broadcast, row reductions...), the
+//! building blocks of the "unfused" side of the kernel benchmarks: each reads its inputs
+//! from device memory and writes its output back, like one eager framework op.
+//! GPU only: they exist to measure what fusion saves, and the fused ops' CPU references
+//! are what the tests check.
+
+use std::sync::Arc;
+
+use crate::cuda::{Gpu, KernelSource};
+use crate::error::{KernelError, Result};
+use crate::{launch, DType, Tensor};
+
+pub const SOURCE: KernelSource = KernelSource {
+    name: "eager",
+    src: include_str!("../../kernels/eager.cu"),
+};
+
+#[derive(Clone, Copy, Debug)]
+pub enum UnaryOp {
+    Cast = 0,
+    Square = 1,
+    RsqrtAdd = 2,
+    Silu = 3,
+    Exp = 4,
+    Scale = 5,
+    Sigmoid = 6,
+    Log = 7,
+    GeluTanh = 8,
+    AddScalar = 9,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum BinaryOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
+    Div = 3,
+}
+
+/// How `b` is broadcast against `a` in [`binary`].
+#[derive(Clone, Copy, Debug)]
+pub enum Broadcast {
+    /// Same shape.
+    None = 0,
+    /// `b` is one row `[cols]`, repeated for every row of `a`.
+    Row = 1,
+    /// `b` holds one value per row of `a`.
+    PerRow = 2,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Reduce {
+    Sum = 0,
+    Max = 1,
+    Mean = 2,
+}
+
+fn gpu_of(op: &'static str, t: &Tensor) -> Result<Arc<Gpu>> {
+    t.gpu().cloned().ok_or_else(|| KernelError::Device {
+        op,
+        detail: "eager kernels run on the GPU only".into(),
+    })
+}
+
+fn is_bf16(t: &Tensor) -> i32 {
+    (t.dtype() == DType::BF16) as i32
+}
+
+fn grid(gpu: &Gpu, n: usize) -> u32 {
+    n.div_ceil(256).min(gpu.sm_count() * 16).max(1) as u32
+}
+
+pub fn unary(x: &Tensor, op: UnaryOp, s: f32, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_unary", x)?;
+    let y = Tensor::uninit_cuda(&gpu, x.shape(), out)?;
+    let n = x.elem_count();
+    let f = gpu.function(&SOURCE, "eager_unary")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), n as i64, op as i32, s)?;
+    Ok(y)
+}
+
+pub fn binary(
+    a: &Tensor,
+    b: &Tensor,
+    bcast: Broadcast,
+    op: BinaryOp,
+    out: DType,
+) -> Result<Tensor> {
+    let gpu = gpu_of("eager_binary", a)?;
+    let (rows, cols) = a.rows_cols();
+    let need = match bcast {
+        Broadcast::None => a.elem_count(),
+        Broadcast::Row => cols,
+        Broadcast::PerRow => rows,
+    };
+    if b.elem_count() != need {
+        return Err(KernelError::shape(
+            "eager_binary",
+            format!(
+                "b {:?} does not broadcast to a {:?} as {bcast:?}",
+                b.shape(),
+                a.shape()
+            ),
+        ));
+    }
+    let y = Tensor::uninit_cuda(&gpu, a.shape(), out)?;
+    let n = a.elem_count();
+    let f = gpu.function(&SOURCE, "eager_binary")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        a.dptr(), is_bf16(a), b.dptr(), is_bf16(b), y.dptr(), is_bf16(&y),
+        n as i64, cols as i64, bcast as i32, op as i32)?;
+    Ok(y)
+}
+
+/// One f32 value per row.
+pub fn row_reduce(x: &Tensor, op: Reduce) -> Result<Tensor> {
+    let gpu = gpu_of("eager_row_reduce", x)?;
+    let (rows, cols) = x.rows_cols();
+    let y = Tensor::uninit_cuda(&gpu, &[rows], DType::F32)?;
+    let f = gpu.function(&SOURCE, "eager_row_reduce")?;
+    let blocks = rows.clamp(1, gpu.sm_count() * 8) as u32;
+    launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), rows as i64, cols as i64, op as i32)?;
+    Ok(y)
+}
+
+/// Sum over rows: one f32 value per column.
+pub fn col_sum(x: &Tensor) -> Result<Tensor> {
+    let gpu = gpu_of("eager_col_sum", x)?;
+    let (rows, cols) = x.rows_cols();
+    let y = Tensor::uninit_cuda(&gpu, &[cols], DType::F32)?;
+    let f = gpu.function(&SOURCE, "eager_col_sum")?;
+    launch!(gpu, f, (cols.div_ceil(256).max(1) as u32, 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), rows as i64, cols as i64)?;
+    Ok(y)
+}

@@ -1,0 +1,282 @@
+//! Matrix products: cuBLAS on the GPU (bf16 or f32 operands, fp32 accumulation), and a
+//! row-parallel f32 reference on the CPU. Row-major, with optional transposes of either
+//! operand; leading dims of a tensor are folded into its rows.
+
+use std::sync::Arc;
+
+use crate::check::{compare, random_pair, CheckLine, GpuCheck};
+use crate::cpu::par_rows;
+use crate::cuda::gemm::{GemmSpec, Operand};
+use crate::cuda::Gpu;
+use crate::error::{KernelError, Result};
+use crate::rng::Rng;
+use crate::{DType, Tensor};
+
+use super::{common_gpu, expect_dtype};
+
+/// (rows, cols) of `op(t)` where `t` is seen as 2-D (leading dims folded).
+fn op_dims(t: &Tensor, trans: bool) -> (usize, usize) {
+    let (r, c) = t.rows_cols();
+    if trans {
+        (c, r)
+    } else {
+        (r, c)
+    }
+}
+
+/// `C = op(A) op(B)` as a new tensor of `out` dtype, shape `[m, n]`.
+pub fn matmul(a: &Tensor, trans_a: bool, b: &Tensor, trans_b: bool, out: DType) -> Result<Tensor> {
+    let (m, _) = op_dims(a, trans_a);
+    let (_, n) = op_dims(b, trans_b);
+    let mut c = match common_gpu("matmul", &[("a", a), ("b", b)])? {
+        Some(gpu) => Tensor::uninit_cuda(&gpu, &[m, n], out)?,
+        None => Tensor::zeros(&[m, n], out, &crate::Device::Cpu)?,
+    };
+    matmul_into(a, trans_a, b, trans_b, &mut c, 1.0, 0.0)?;
+    Ok(c)
+}
+
+/// `C = alpha op(A) op(B) + beta C` in place (beta = 1 accumulates a gradient).
+pub fn matmul_into(
+    a: &Tensor,
+    trans_a: bool,
+    b: &Tensor,
+    trans_b: bool,
+    c: &mut Tensor,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    const OP: &str = "matmul";
+    for (name, t) in [("a", a), ("b", b)] {
+        expect_dtype(OP, name, t, &[DType::F32, DType::BF16])?;
+    }
+    expect_dtype(OP, "c", c, &[DType::F32, DType::BF16])?;
+    let (m, k) = op_dims(a, trans_a);
+    let (k2, n) = op_dims(b, trans_b);
+    let (cm, cn) = c.rows_cols();
+    if k != k2 || cm != m || cn != n {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "op(a) {:?}{} x op(b) {:?}{} -> c {:?}: inner dims {k} vs {k2}, output needs [{m}, {n}]",
+                a.shape(),
+                if trans_a { "^T" } else { "" },
+                b.shape(),
+                if trans_b { "^T" } else { "" },
+                c.shape()
+            ),
+        ));
+    }
+    match common_gpu(OP, &[("a", a), ("b", b), ("c", c)])? {
+        Some(gpu) => gpu_gemm(&gpu, a, trans_a, b, trans_b, c, m, n, k, alpha, beta),
+        None => {
+            let r = cpu_matmul(&a.cpu_f32(), trans_a, &b.cpu_f32(), trans_b, m, n, k);
+            let old = c.cpu_f32().into_owned();
+            let vals: Vec<f32> = r
+                .iter()
+                .zip(&old)
+                .map(|(&p, &o)| alpha * p + if beta == 0.0 { 0.0 } else { beta * o })
+                .collect();
+            c.cpu_store_f32(&vals);
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gpu_gemm(
+    gpu: &Arc<Gpu>,
+    a: &Tensor,
+    trans_a: bool,
+    b: &Tensor,
+    trans_b: bool,
+    c: &Tensor,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let operand = |t: &Tensor, trans: bool| Operand {
+        ptr: t.dptr(),
+        dtype: t.dtype(),
+        ld: t.rows_cols().1,
+        trans,
+        batch_stride: 0,
+    };
+    gpu.gemm(&GemmSpec {
+        m,
+        n,
+        k,
+        a: operand(a, trans_a),
+        b: operand(b, trans_b),
+        c: operand(c, false),
+        alpha,
+        beta,
+        batch: 1,
+    })
+}
+
+/// Row-major `[m, n]` product in f32. Both operands are first laid out with `k` contiguous
+/// (`A` as `[m, k]`, `B` as `[n, k]`), so the inner loop is a contiguous dot product that the
+/// compiler vectorises; rows of C are spread over threads.
+pub fn cpu_matmul(
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let a_rows: std::borrow::Cow<[f32]> = if trans_a {
+        transpose(a, k, m).into()
+    } else {
+        a.into()
+    };
+    let b_rows: std::borrow::Cow<[f32]> = if trans_b {
+        b.into()
+    } else {
+        transpose(b, k, n).into()
+    };
+    let mut c = vec![0.0f32; m * n];
+    par_rows(&mut c, n.max(1), |i, row| {
+        let ai = &a_rows[i * k..(i + 1) * k];
+        for (j, out) in row.iter_mut().enumerate() {
+            *out = dot(ai, &b_rows[j * k..(j + 1) * k]);
+        }
+    });
+    c
+}
+
+/// `[rows, cols]` -> `[cols, rows]`.
+pub fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; x.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = x[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Dot product with 8 independent accumulators (vectorises; rounding close to a tree sum).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+pub const CHECK: GpuCheck = GpuCheck {
+    op: "matmul",
+    run: gpu_check,
+};
+
+fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    let mut lines = Vec::new();
+    // Odd sizes, every transpose combination, both dtypes, and an accumulating product.
+    for (dt, (m, n, k)) in [(DType::BF16, (131, 77, 259)), (DType::F32, (64, 129, 97))] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let ashape = if ta { [k, m] } else { [m, k] };
+            let bshape = if tb { [n, k] } else { [k, n] };
+            let (a, ga) = random_pair(gpu, rng, &ashape, dt, 1.0)?;
+            let (b, gb) = random_pair(gpu, rng, &bshape, dt, 1.0)?;
+            let (mut c, mut gc) = random_pair(gpu, rng, &[m, n], DType::F32, 1.0)?;
+            matmul_into(&a, ta, &b, tb, &mut c, 0.5, 1.0)?;
+            matmul_into(&ga, ta, &gb, tb, &mut gc, 0.5, 1.0)?;
+            let case = format!("{dt} {m}x{n}x{k} ta={ta} tb={tb} beta=1");
+            lines.push(compare("matmul", &case, "c", &gc, &c)?);
+        }
+        let (a, ga) = random_pair(gpu, rng, &[m, k], dt, 1.0)?;
+        let (b, gb) = random_pair(gpu, rng, &[n, k], dt, 1.0)?;
+        let c = matmul(&a, false, &b, true, dt)?;
+        let gc = matmul(&ga, false, &gb, true, dt)?;
+        lines.push(compare(
+            "matmul",
+            &format!("{dt} {m}x{n}x{k} out={dt}"),
+            "c",
+            &gc,
+            &c,
+        )?);
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], ta: bool, b: &[f32], tb: bool, m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn cpu_matmul_matches_f64_for_every_transpose() {
+        let mut rng = Rng::new(1);
+        let (m, n, k) = (13, 7, 29);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = rng.normal_vec(m * k, 1.0);
+            let b = rng.normal_vec(n * k, 1.0);
+            let c = cpu_matmul(&a, ta, &b, tb, m, n, k);
+            let r: Vec<f32> = naive(&a, ta, &b, tb, m, n, k)
+                .iter()
+                .map(|&x| x as f32)
+                .collect();
+            assert!(crate::check::rel_err(&c, &r) < 1e-6, "ta={ta} tb={tb}");
+        }
+    }
+
+    #[test]
+    fn matmul_into_accumulates_and_checks_shapes() {
+        let mut rng = Rng::new(2);
+        let a = Tensor::from_f32(&[3, 5], rng.normal_vec(15, 1.0)).unwrap();
+        let b = Tensor::from_f32(&[5, 4], rng.normal_vec(20, 1.0)).unwrap();
+        let c0 = rng.normal_vec(12, 1.0);
+        let mut c = Tensor::from_f32(&[3, 4], c0.clone()).unwrap();
+        matmul_into(&a, false, &b, false, &mut c, 2.0, 1.0).unwrap();
+        let p = naive(
+            &a.to_f32_vec().unwrap(),
+            false,
+            &b.to_f32_vec().unwrap(),
+            false,
+            3,
+            4,
+            5,
+        );
+        let want: Vec<f32> = p
+            .iter()
+            .zip(&c0)
+            .map(|(&p, &o)| (2.0 * p) as f32 + o)
+            .collect();
+        assert!(crate::check::rel_err(&c.to_f32_vec().unwrap(), &want) < 1e-6);
+        let bad = Tensor::from_f32(&[4, 4], vec![1.0; 16]).unwrap();
+        let err = matmul(&a, false, &bad, false, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("matmul") && err.contains("[3, 5]") && err.contains("[4, 4]"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,101 @@
+//! The ops. One file per op: its CUDA launcher, its CPU reference, its GPU check, its
+//! benchmark and its tests. Nothing here knows about models.
+
+pub mod eager;
+pub mod matmul;
+pub mod rms_norm;
+
+use std::sync::Arc;
+
+use crate::bench::KernelBench;
+use crate::check::GpuCheck;
+use crate::cuda::{Gpu, KernelSource};
+use crate::error::{KernelError, Result};
+use crate::{DType, Tensor};
+
+/// Every CUDA source in the repository (CI compiles each for sm_90).
+pub const ALL_SOURCES: &[KernelSource] = &[eager::SOURCE, rms_norm::SOURCE];
+
+/// The GPU checks, in the order `tigon gpu-check` runs them.
+pub fn all_checks() -> Vec<GpuCheck> {
+    vec![matmul::CHECK, rms_norm::CHECK]
+}
+
+/// The kernel benchmarks, in the order `tigon bench kernels` runs them.
+pub fn all_benches() -> Vec<KernelBench> {
+    vec![rms_norm::BENCH]
+}
+
+pub(crate) fn expect_dtype(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    allowed: &[DType],
+) -> Result<()> {
+    if allowed.contains(&t.dtype()) {
+        return Ok(());
+    }
+    Err(KernelError::DType {
+        op,
+        tensor,
+        expected: allowed
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" or "),
+        found: t.dtype(),
+    })
+}
+
+pub(crate) fn expect_shape(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    shape: &[usize],
+) -> Result<()> {
+    if t.shape() == shape {
+        return Ok(());
+    }
+    Err(KernelError::shape(
+        op,
+        format!("`{tensor}` has shape {:?}, expected {shape:?}", t.shape()),
+    ))
+}
+
+/// All tensors on the CPU (None) or all on one GPU (Some); a mix is an error.
+pub(crate) fn common_gpu(
+    op: &'static str,
+    tensors: &[(&'static str, &Tensor)],
+) -> Result<Option<Arc<Gpu>>> {
+    let mut gpu: Option<&Arc<Gpu>> = None;
+    let mut cpu: Option<&str> = None;
+    for (name, t) in tensors {
+        match t.gpu() {
+            Some(g) => {
+                if let Some(prev) = gpu {
+                    if !Arc::ptr_eq(prev, g) {
+                        return Err(KernelError::Device {
+                            op,
+                            detail: format!("`{name}` is on another GPU"),
+                        });
+                    }
+                }
+                gpu = Some(g);
+            }
+            None => cpu = Some(name),
+        }
+        if let (Some(_), Some(c)) = (gpu, cpu) {
+            return Err(KernelError::Device {
+                op,
+                detail: format!("`{c}` is on the CPU, `{name}` or another input on a GPU"),
+            });
+        }
+    }
+    Ok(gpu.cloned())
+}
+
+/// Grid size for a grid-stride loop over `rows` rows: enough blocks to fill the GPU a few
+/// times over, never more than there are rows.
+pub(crate) fn row_grid(gpu: &Gpu, rows: usize, blocks_per_sm: usize) -> u32 {
+    rows.min(gpu.sm_count() * blocks_per_sm).max(1) as u32
+}
