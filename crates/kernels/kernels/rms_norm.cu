@@ -11,9 +11,7 @@
 // (grid-stride), which lets the backward accumulate dw per block in registers and write one
 // partial row per block instead of one per token.
 
-#define MAXV 4
-
-template <typename T>
+template <typename T, int MAXV>
 __device__ __forceinline__ void rms_norm_forward_vec(const T* __restrict__ x, const T* __restrict__ w,
                                                      T* __restrict__ y, float* __restrict__ rstd,
                                                      int rows, int cols, float eps, int gemma) {
@@ -60,8 +58,9 @@ __device__ __forceinline__ void rms_norm_forward_vec(const T* __restrict__ x, co
     }
 }
 
-// dw_partial: [gridDim.x, cols] f32, or null when no weight gradient is wanted.
-template <typename T>
+// dw_partial: [gridDim.x, cols] f32, written only when DW (a template parameter, so that
+// without it the accumulators take no registers and more rows stay in flight).
+template <typename T, int MAXV, bool DW>
 __device__ __forceinline__ void rms_norm_backward_vec(const T* __restrict__ dy, const T* __restrict__ x,
                                                       const T* __restrict__ w, const float* __restrict__ rstd,
                                                       T* __restrict__ dx, float* __restrict__ dw_partial,
@@ -97,7 +96,7 @@ __device__ __forceinline__ void rms_norm_backward_vec(const T* __restrict__ dy, 
                     xn[i][j] *= r;
                     g[i][j] = d[j] * wv[i][j];
                     dot += g[i][j] * xn[i][j];
-                    acc[i][j] += d[j] * (gemma ? xn[i][j] : round_to<T>(xn[i][j]));
+                    if (DW) acc[i][j] += d[j] * (gemma ? xn[i][j] : round_to<T>(xn[i][j]));
                 }
             }
         }
@@ -113,7 +112,7 @@ __device__ __forceinline__ void rms_norm_backward_vec(const T* __restrict__ dy, 
             }
         }
     }
-    if (dw_partial) {
+    if (DW) {
         #pragma unroll
         for (int i = 0; i < MAXV; i++) {
             int c = i * blockDim.x + threadIdx.x;
@@ -187,13 +186,22 @@ extern "C" __global__ void rms_norm_dw_reduce(const float* partial, float* dw, i
     dw[c] = s;
 }
 
-#define INSTANTIATE(T, S)                                                                          \
-extern "C" __global__ void rms_norm_forward_vec_##S(const T* x, const T* w, T* y, float* rstd,    \
+// Entry points: _vec{V} keeps V 8-element chunks of the row per thread; _dw writes the
+// per-block weight-gradient partials.
+#define INSTANTIATE_VEC(T, S, V)                                                                   \
+extern "C" __global__ void rms_norm_forward_vec##V##_##S(const T* x, const T* w, T* y, float* rstd, \
         int rows, int cols, float eps, int gemma) {                                                \
-    rms_norm_forward_vec<T>(x, w, y, rstd, rows, cols, eps, gemma); }                              \
-extern "C" __global__ void rms_norm_backward_vec_##S(const T* dy, const T* x, const T* w,         \
+    rms_norm_forward_vec<T, V>(x, w, y, rstd, rows, cols, eps, gemma); }                           \
+extern "C" __global__ void rms_norm_backward_vec##V##_##S(const T* dy, const T* x, const T* w,     \
         const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma) {                     \
-    rms_norm_backward_vec<T>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }                        \
+    rms_norm_backward_vec<T, V, false>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }              \
+extern "C" __global__ void rms_norm_backward_vec##V##_dw_##S(const T* dy, const T* x, const T* w,  \
+        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma) {                     \
+    rms_norm_backward_vec<T, V, true>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }
+
+#define INSTANTIATE(T, S)                                                                          \
+INSTANTIATE_VEC(T, S, 2)                                                                           \
+INSTANTIATE_VEC(T, S, 4)                                                                           \
 extern "C" __global__ void rms_norm_forward_any_##S(const T* x, const T* w, T* y, float* rstd,    \
         int rows, int cols, float eps, int gemma) {                                                \
     rms_norm_forward_any<T>(x, w, y, rstd, rows, cols, eps, gemma); }                              \
