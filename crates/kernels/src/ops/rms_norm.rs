@@ -347,6 +347,11 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rms_norm_backward(&dy, &x, &w, &f.rstd, p, false)?;
         Ok(())
     })?;
+    let fwd_floor = (2 * rows * cols * 2 + rows * 4) as f64;
+    let fused_fwd = measure(gpu, cfg, OP, "fused-fwd", &shape, fwd_floor, 0.0, || {
+        rms_norm_forward(&x, &w, p)?;
+        Ok(())
+    })?;
     // Eager composition, as HF's LlamaRMSNorm runs under autograd: upcast, square, mean,
     // rsqrt, scale, downcast, weight multiply; the backward through the same graph.
     let unfused = measure(gpu, cfg, OP, "unfused", &shape, floor, 0.0, || {
@@ -366,7 +371,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         let _dx = eager::binary(&d, &r, Broadcast::PerRow, BinaryOp::Mul, DType::BF16)?;
         Ok(())
     })?;
-    Ok(vec![fused, unfused])
+    Ok(vec![fused, fused_fwd, unfused])
 }
 
 #[cfg(test)]
