@@ -2,6 +2,7 @@
 //! benchmark and its tests. Nothing here knows about models.
 
 pub mod eager;
+pub mod elementwise;
 pub mod matmul;
 pub mod rms_norm;
 
@@ -14,11 +15,11 @@ use crate::error::{KernelError, Result};
 use crate::{DType, Tensor};
 
 /// Every CUDA source in the repository (CI compiles each for sm_90).
-pub const ALL_SOURCES: &[KernelSource] = &[eager::SOURCE, rms_norm::SOURCE];
+pub const ALL_SOURCES: &[KernelSource] = &[eager::SOURCE, rms_norm::SOURCE, elementwise::SOURCE];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
 pub fn all_checks() -> Vec<GpuCheck> {
-    vec![matmul::CHECK, rms_norm::CHECK]
+    vec![matmul::CHECK, rms_norm::CHECK, elementwise::CHECK]
 }
 
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
