@@ -50,3 +50,19 @@ extern "C" __global__ void cast_##SS##_##SD(const S* src, D* dst, long long n) {
 }
 CAST(float, f32, bf16, bf16)
 CAST(bf16, bf16, float, f32)
+
+// y[r, c] += bias[c]: the q/k/v biases of Qwen2 on a projection without LoRA.
+template <typename T, typename B>
+__device__ __forceinline__ void add_bias_impl(T* y, const B* bias, long long rows, int cols) {
+    const long long n = rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] = from_float<T>(to_float(y[i]) + to_float(bias[i % cols]));
+    }
+}
+extern "C" __global__ void add_bias_bf16(bf16* y, const bf16* b, long long rows, int cols) {
+    add_bias_impl<bf16, bf16>(y, b, rows, cols);
+}
+extern "C" __global__ void add_bias_f32(float* y, const float* b, long long rows, int cols) {
+    add_bias_impl<float, float>(y, b, rows, cols);
+}

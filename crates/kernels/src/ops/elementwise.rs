@@ -99,6 +99,39 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     }
 }
 
+/// `y[r, c] += bias[c]` (rounded once to y's dtype); `bias` has y's dtype.
+pub fn add_bias_inplace(y: &mut Tensor, bias: &Tensor) -> Result<()> {
+    const OP: &str = "add_bias";
+    expect_dtype(OP, "y", y, &[DType::F32, DType::BF16])?;
+    expect_dtype(OP, "bias", bias, &[y.dtype()])?;
+    let (rows, cols) = y.rows_cols();
+    if bias.elem_count() != cols {
+        return Err(KernelError::shape(
+            OP,
+            format!("bias {:?} does not match y {:?}", bias.shape(), y.shape()),
+        ));
+    }
+    match common_gpu(OP, &[("y", y), ("bias", bias)])? {
+        None => {
+            let bs = bias.cpu_f32().into_owned();
+            let mut yv = y.cpu_f32().into_owned();
+            par_rows(&mut yv, cols, |_, row| {
+                for (v, b) in row.iter_mut().zip(&bs) {
+                    *v += b;
+                }
+            });
+            y.cpu_store_f32(&yv);
+            Ok(())
+        }
+        Some(gpu) => {
+            let f = gpu.function(&SOURCE, &format!("add_bias_{}", y.dtype().kernel_suffix()))?;
+            launch!(gpu, f, (grid(&gpu, rows * cols), 1, 1), (256, 1, 1), 0;
+                y.dptr(), bias.dptr(), rows as i64, cols as i32)?;
+            Ok(())
+        }
+    }
+}
+
 fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     let mut lines = Vec::new();
     for (n, da, db) in [
@@ -113,6 +146,23 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         add_inplace(&mut a_cpu, &b_cpu, 0.5)?;
         add_inplace(&mut a_gpu, &b_gpu, 0.5)?;
         lines.push(compare("elementwise", &case, "a", &a_gpu, &a_cpu)?);
+    }
+    for (rows, cols, dt) in [
+        (37, 1000, DType::BF16),
+        (8192, 1024, DType::BF16),
+        (5, 33, DType::F32),
+    ] {
+        let (mut y_cpu, mut y_gpu) = random_pair(gpu, rng, &[rows, cols], dt, 1.0)?;
+        let (b_cpu, b_gpu) = random_pair(gpu, rng, &[cols], dt, 1.0)?;
+        add_bias_inplace(&mut y_cpu, &b_cpu)?;
+        add_bias_inplace(&mut y_gpu, &b_gpu)?;
+        lines.push(compare(
+            "elementwise",
+            &format!("add_bias {rows}x{cols} {dt}"),
+            "y",
+            &y_gpu,
+            &y_cpu,
+        )?);
     }
     for (n, from, to) in [
         (12345, DType::F32, DType::BF16),
@@ -163,6 +213,19 @@ mod tests {
             e.contains("add") && e.contains("[3]") && e.contains("[4]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bias_broadcasts_over_rows() {
+        let mut y = Tensor::from_f32(&[2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        let b = Tensor::from_f32(&[3], vec![10.0, 20.0, 30.0]).unwrap();
+        add_bias_inplace(&mut y, &b).unwrap();
+        assert_eq!(
+            y.to_f32_vec().unwrap(),
+            vec![10.0, 21.0, 32.0, 13.0, 24.0, 35.0]
+        );
+        let bad = Tensor::from_f32(&[2], vec![0.0; 2]).unwrap();
+        assert!(add_bias_inplace(&mut y, &bad).is_err());
     }
 
     #[test]
