@@ -3,6 +3,7 @@
 
 pub mod activation_mul;
 pub mod eager;
+pub mod embedding;
 pub mod layer_norm;
 pub mod matmul;
 pub mod rms_norm;
@@ -21,6 +22,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     rms_norm::SOURCE,
     activation_mul::SOURCE,
     layer_norm::SOURCE,
+    embedding::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -30,12 +32,18 @@ pub fn all_checks() -> Vec<GpuCheck> {
         rms_norm::CHECK,
         activation_mul::CHECK,
         layer_norm::CHECK,
+        embedding::CHECK,
     ]
 }
 
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
 pub fn all_benches() -> Vec<KernelBench> {
-    vec![rms_norm::BENCH, activation_mul::BENCH, layer_norm::BENCH]
+    vec![
+        rms_norm::BENCH,
+        activation_mul::BENCH,
+        layer_norm::BENCH,
+        embedding::BENCH,
+    ]
 }
 
 pub(crate) fn expect_dtype(
