@@ -216,17 +216,23 @@ extern "C" __global__ void layer_norm_param_reduce(const float* dw_partial, cons
 }
 
 // Entry points: _vec{V} keeps V 8-element chunks of the row per thread; _any takes any row.
-#define INSTANTIATE_VEC(T, S, V)                                                                    \
-extern "C" __global__ void layer_norm_forward_vec##V##_##S(const T* x, const T* w, const T* b, T* y, \
-        float* mean, float* rstd, int rows, int cols, float eps) {                                  \
-    layer_norm_forward_vec<T, V>(x, w, b, y, mean, rstd, rows, cols, eps); }                        \
-extern "C" __global__ void layer_norm_backward_vec##V##_##S(const T* dy, const T* x, const T* w,    \
-        const float* mean, const float* rstd, T* dx, float* dwp, float* dbp, int rows, int cols) {  \
+// The vectorised kernels are bounded to 512 threads, which leaves each thread 128 registers
+// for its part of the row (the backward holds five 8-float arrays per chunk); the launcher
+// picks them only for rows that fit.
+#define FORWARD_VEC(T, S, V)                                                                        \
+extern "C" __global__ void __launch_bounds__(512) layer_norm_forward_vec##V##_##S(const T* x,       \
+        const T* w, const T* b, T* y, float* mean, float* rstd, int rows, int cols, float eps) {    \
+    layer_norm_forward_vec<T, V>(x, w, b, y, mean, rstd, rows, cols, eps); }
+#define BACKWARD_VEC(T, S, V)                                                                       \
+extern "C" __global__ void __launch_bounds__(512) layer_norm_backward_vec##V##_##S(const T* dy,     \
+        const T* x, const T* w, const float* mean, const float* rstd, T* dx, float* dwp, float* dbp, \
+        int rows, int cols) {                                                                       \
     layer_norm_backward_vec<T, V>(dy, x, w, mean, rstd, dx, dwp, dbp, rows, cols); }
 
 #define INSTANTIATE(T, S)                                                                           \
-INSTANTIATE_VEC(T, S, 2)                                                                            \
-INSTANTIATE_VEC(T, S, 4)                                                                            \
+FORWARD_VEC(T, S, 2)                                                                                \
+FORWARD_VEC(T, S, 4)                                                                                \
+BACKWARD_VEC(T, S, 2)                                                                               \
 extern "C" __global__ void layer_norm_forward_any_##S(const T* x, const T* w, const T* b, T* y,    \
         float* mean, float* rstd, int rows, int cols, float eps) {                                  \
     layer_norm_forward_any<T>(x, w, b, y, mean, rstd, rows, cols, eps); }                           \
