@@ -21,8 +21,12 @@
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
 
+// SiLU divides by 1 + exp(-x) with __fdividef: IEEE division takes a slow branch when the
+// divisor overflows (x < -88) or is tiny, which made the kernel's time depend on the data;
+// __fdividef has no branch, is within 2 ulp for divisors up to 2^126 and gives 0 beyond,
+// the right limit (silu(x) and sigmoid(x) vanish there).
 template <int ACT> __device__ __forceinline__ float act_fn(float x);
-template <> __device__ __forceinline__ float act_fn<ACT_SILU>(float x) { return x / (1.0f + expf(-x)); }
+template <> __device__ __forceinline__ float act_fn<ACT_SILU>(float x) { return __fdividef(x, 1.0f + expf(-x)); }
 template <> __device__ __forceinline__ float act_fn<ACT_GELU_TANH>(float x) {
     const float t = tanhf(GELU_SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x));
     return 0.5f * x * (1.0f + t);
@@ -31,7 +35,7 @@ template <> __device__ __forceinline__ float act_fn<ACT_GELU_TANH>(float x) {
 // d act / dx, in the form torch's silu_backward and gelu_backward(approximate='tanh') use.
 template <int ACT> __device__ __forceinline__ float act_grad(float x);
 template <> __device__ __forceinline__ float act_grad<ACT_SILU>(float x) {
-    const float s = 1.0f / (1.0f + expf(-x));
+    const float s = __fdividef(1.0f, 1.0f + expf(-x));
     return s * (1.0f + x * (1.0f - s));
 }
 template <> __device__ __forceinline__ float act_grad<ACT_GELU_TANH>(float x) {
