@@ -44,9 +44,36 @@ template <> __device__ __forceinline__ float act_grad<ACT_GELU_TANH>(float x) {
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_COEF * x2);
 }
 
-template <int W, typename T> __device__ __forceinline__ void load_w(const T* p, float v[W]) {
-    if constexpr (W == 8) load8(p, v); else v[0] = to_float(p[0]);
+// W consecutive elements as raw words: for W = 8, one 16-byte word (bf16) or two (f32).
+// Loads go into these first and are converted after, so that all of a thread's loads are in
+// flight together.
+template <typename T, int W> struct Raw;
+template <typename T> struct Raw<T, 8> { uint4 w[sizeof(T) / 2]; };
+template <typename T> struct Raw<T, 1> { T v; };
+
+template <typename T, int W> __device__ __forceinline__ void load_raw(const T* p, Raw<T, W>& r) {
+    if constexpr (W == 8) {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+        #pragma unroll
+        for (int k = 0; k < (int)(sizeof(T) / 2); k++) r.w[k] = q[k];
+    } else {
+        r.v = p[0];
+    }
 }
+__device__ __forceinline__ void unpack(const Raw<bf16, 8>& r, float v[8]) {
+    const uint4 u = r.w[0];
+    v[0] = lo_bf16(u.x); v[1] = hi_bf16(u.x); v[2] = lo_bf16(u.y); v[3] = hi_bf16(u.y);
+    v[4] = lo_bf16(u.z); v[5] = hi_bf16(u.z); v[6] = lo_bf16(u.w); v[7] = hi_bf16(u.w);
+}
+__device__ __forceinline__ void unpack(const Raw<float, 8>& r, float v[8]) {
+    #pragma unroll
+    for (int k = 0; k < 2; k++) {
+        v[4 * k + 0] = __uint_as_float(r.w[k].x); v[4 * k + 1] = __uint_as_float(r.w[k].y);
+        v[4 * k + 2] = __uint_as_float(r.w[k].z); v[4 * k + 3] = __uint_as_float(r.w[k].w);
+    }
+}
+template <typename T> __device__ __forceinline__ void unpack(const Raw<T, 1>& r, float v[1]) { v[0] = to_float(r.v); }
+
 template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const float v[W]) {
     if constexpr (W == 8) store8(p, v); else p[0] = from_float<T>(v[0]);
 }
@@ -55,10 +82,9 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const
 // without a 64-bit division per step: the step is split into whole rows and a remainder once.
 struct ChunkWalk {
     long long row, c, srow, sc, cpr;
-    __device__ __forceinline__ ChunkWalk(long long cpr_) : cpr(cpr_) {
-        const long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-        const long long step = (long long)gridDim.x * blockDim.x;
-        row = k / cpr; c = k - row * cpr;
+    __device__ __forceinline__ void init(long long cpr_, long long start, long long step) {
+        cpr = cpr_;
+        row = start / cpr; c = start - row * cpr;
         srow = step / cpr; sc = step - srow * cpr;
     }
     __device__ __forceinline__ void next() {
@@ -67,50 +93,97 @@ struct ChunkWalk {
     }
 };
 
+// Each thread has U slots: slot s visits chunks k0 + s * T, k0 + (s + U) * T, ... where T is
+// the number of threads in the grid, so each slot's accesses are coalesced across a warp and
+// the thread keeps U chunks' loads in flight at once. Slot 0 runs out first, so the loop
+// ends with it.
+template <int U>
+__device__ __forceinline__ void init_walks(ChunkWalk (&w)[U], long long cpr) {
+    const long long threads = (long long)gridDim.x * blockDim.x;
+    const long long k0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    #pragma unroll
+    for (int s = 0; s < U; s++) w[s].init(cpr, k0 + s * threads, U * threads);
+}
+
 // cols is a multiple of W; cpr = cols / W chunks per row.
-template <typename T, int ACT, int W>
+template <typename T, int ACT, int W, int U>
 __device__ __forceinline__ void gated_forward(const T* __restrict__ g, const T* __restrict__ u, long long gu_stride,
                                               T* __restrict__ y, long long y_stride, long long rows, long long cols) {
-    for (ChunkWalk w(cols / W); w.row < rows; w.next()) {
-        const long long gu = w.row * gu_stride + w.c * W;
-        float gv[W], uv[W], o[W];
-        load_w<W>(g + gu, gv);
-        load_w<W>(u + gu, uv);
+    ChunkWalk w[U];
+    init_walks<U>(w, cols / W);
+    while (w[0].row < rows) {
+        Raw<T, W> rg[U], ru[U];
         #pragma unroll
-        for (int j = 0; j < W; j++) o[j] = round_to<T>(act_fn<ACT>(gv[j])) * uv[j];
-        store_w<W>(y + w.row * y_stride + w.c * W, o);
+        for (int s = 0; s < U; s++) {
+            if (w[s].row < rows) {
+                const long long off = w[s].row * gu_stride + w[s].c * W;
+                load_raw(g + off, rg[s]);
+                load_raw(u + off, ru[s]);
+            }
+        }
+        #pragma unroll
+        for (int s = 0; s < U; s++) {
+            if (w[s].row < rows) {
+                float gv[W], uv[W], o[W];
+                unpack(rg[s], gv);
+                unpack(ru[s], uv);
+                #pragma unroll
+                for (int j = 0; j < W; j++) o[j] = round_to<T>(act_fn<ACT>(gv[j])) * uv[j];
+                store_w<W>(y + w[s].row * y_stride + w[s].c * W, o);
+            }
+            w[s].next();
+        }
     }
 }
 
-// In place: g <- dg, u <- du (no __restrict__ on g and u: each is read, then written).
-template <typename T, int ACT, int W>
+// In place: g <- dg, u <- du (no __restrict__ on g and u: each element is read, then written,
+// by the same thread).
+template <typename T, int ACT, int W, int U>
 __device__ __forceinline__ void gated_backward(const T* __restrict__ dy, long long dy_stride, T* g, T* u,
                                                long long gu_stride, long long rows, long long cols) {
-    for (ChunkWalk w(cols / W); w.row < rows; w.next()) {
-        const long long gu = w.row * gu_stride + w.c * W;
-        float dv[W], gv[W], uv[W], dg[W], du[W];
-        load_w<W>(dy + w.row * dy_stride + w.c * W, dv);
-        load_w<W>(g + gu, gv);
-        load_w<W>(u + gu, uv);
+    ChunkWalk w[U];
+    init_walks<U>(w, cols / W);
+    while (w[0].row < rows) {
+        Raw<T, W> rd[U], rg[U], ru[U];
         #pragma unroll
-        for (int j = 0; j < W; j++) {
-            du[j] = dv[j] * round_to<T>(act_fn<ACT>(gv[j]));
-            dg[j] = round_to<T>(dv[j] * uv[j]) * act_grad<ACT>(gv[j]);
+        for (int s = 0; s < U; s++) {
+            if (w[s].row < rows) {
+                const long long off = w[s].row * gu_stride + w[s].c * W;
+                load_raw(dy + w[s].row * dy_stride + w[s].c * W, rd[s]);
+                load_raw(g + off, rg[s]);
+                load_raw(u + off, ru[s]);
+            }
         }
-        store_w<W>(g + gu, dg);
-        store_w<W>(u + gu, du);
+        #pragma unroll
+        for (int s = 0; s < U; s++) {
+            if (w[s].row < rows) {
+                const long long off = w[s].row * gu_stride + w[s].c * W;
+                float dv[W], gv[W], uv[W], dg[W], du[W];
+                unpack(rd[s], dv);
+                unpack(rg[s], gv);
+                unpack(ru[s], uv);
+                #pragma unroll
+                for (int j = 0; j < W; j++) {
+                    du[j] = dv[j] * round_to<T>(act_fn<ACT>(gv[j]));
+                    dg[j] = round_to<T>(dv[j] * uv[j]) * act_grad<ACT>(gv[j]);
+                }
+                store_w<W>(g + off, dg);
+                store_w<W>(u + off, du);
+            }
+            w[s].next();
+        }
     }
 }
 
-// Entry points: gated_{forward,backward}_{silu,gelu}_{vec,any}_{bf16,f32}. _vec needs cols a
-// multiple of 8 and 16-byte aligned rows; _any takes any layout.
+// Entry points: gated_{forward,backward}_{silu,gelu}_{vec,any}_{bf16,f32}, 4 chunks per thread
+// per step. _vec needs cols a multiple of 8 and 16-byte aligned rows; _any takes any layout.
 #define INSTANTIATE_ONE(T, S, ACT, A, W, V)                                                                   \
 extern "C" __global__ void __launch_bounds__(256) gated_forward_##A##_##V##_##S(const T* g, const T* u,     \
         long long gu_stride, T* y, long long y_stride, long long rows, long long cols) {                     \
-    gated_forward<T, ACT, W>(g, u, gu_stride, y, y_stride, rows, cols); }                                     \
+    gated_forward<T, ACT, W, 4>(g, u, gu_stride, y, y_stride, rows, cols); }                                  \
 extern "C" __global__ void __launch_bounds__(256) gated_backward_##A##_##V##_##S(const T* dy,                \
         long long dy_stride, T* g, T* u, long long gu_stride, long long rows, long long cols) {              \
-    gated_backward<T, ACT, W>(dy, dy_stride, g, u, gu_stride, rows, cols); }
+    gated_backward<T, ACT, W, 4>(dy, dy_stride, g, u, gu_stride, rows, cols); }
 
 #define INSTANTIATE(T, S)                                     \
 INSTANTIATE_ONE(T, S, ACT_SILU, silu, 8, vec)                 \

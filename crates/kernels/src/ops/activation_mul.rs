@@ -75,6 +75,9 @@ const GELU_K: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044715;
 
 const THREADS: u32 = 256;
+/// Chunks per thread per loop step (the kernels' U): 4 measured ~1.5% faster than 1 on an
+/// H100 at 8192 x 14336 (more loads in flight per thread).
+const UNROLL: usize = 4;
 
 fn check_dtype(op: &'static str, name: &'static str, t: &Tensor) -> Result<()> {
     expect_dtype(op, name, t, &[DType::F32, DType::BF16])
@@ -105,7 +108,7 @@ fn kernel(
     );
     let chunks = rows * (cols / w);
     let grid = chunks
-        .div_ceil(THREADS as usize)
+        .div_ceil(THREADS as usize * UNROLL)
         .clamp(1, gpu.sm_count() * 16);
     (name, grid as u32)
 }
