@@ -12,9 +12,8 @@
 //
 // Layout: g and u are row-major with a shared row stride (the separate tensors are passed as
 // one long row; the fused [rows, 2I] gate|up tensor as rows of stride 2I, u = g + I), y and dy
-// have their own row stride. Each thread handles W consecutive elements of a row per step
-// (W = 8: 16-byte accesses for bf16; W = 1 for rows that are not a multiple of 8), over a
-// grid-stride loop through all rows * (cols / W) chunks.
+// have their own row stride. A chunk is W consecutive elements of a row (W = 8: 16-byte
+// accesses for bf16; W = 1 for rows that are not a multiple of 8).
 
 #define GELU_SQRT_2_OVER_PI 0.7978845608028654f
 #define GELU_COEF 0.044715f
@@ -78,60 +77,42 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T* p, const
     if constexpr (W == 8) store8(p, v); else p[0] = from_float<T>(v[0]);
 }
 
-// Walks chunk indices k = start, start + step, ... < rows * cpr as (row, chunk-in-row) pairs
-// without a 64-bit division per step: the step is split into whole rows and a remainder once.
-struct ChunkWalk {
-    long long row, c, srow, sc, cpr;
-    __device__ __forceinline__ void init(long long cpr_, long long start, long long step) {
-        cpr = cpr_;
-        row = start / cpr; c = start - row * cpr;
-        srow = step / cpr; sc = step - srow * cpr;
-    }
-    __device__ __forceinline__ void next() {
-        row += srow; c += sc;
-        if (c >= cpr) { c -= cpr; row++; }
-    }
-};
+// Tiling: blockIdx.y walks the rows (grid-stride), blockIdx.x the tiles of a row. Each thread
+// has U slots, chunks c0 + s * blockDim.x of its tile (coalesced across a warp for each s), and
+// issues all its slots' loads before any arithmetic. The launcher sizes a tile to cover a
+// typical row in one block, so most blocks do one row's tile and exit: many blocks in flight,
+// no index arithmetic beyond a multiply-add.
+#define FOR_EACH_TILE(U, rows, cpr)                                                               \
+    for (long long row = blockIdx.y; row < (rows); row += gridDim.y)                              \
+        for (long long c0 = blockIdx.x * (long long)blockDim.x * (U) + threadIdx.x; c0 < (cpr);   \
+             c0 += (long long)gridDim.x * blockDim.x * (U))
 
-// Each thread has U slots: slot s visits chunks k0 + s * T, k0 + (s + U) * T, ... where T is
-// the number of threads in the grid, so each slot's accesses are coalesced across a warp and
-// the thread keeps U chunks' loads in flight at once. Slot 0 runs out first, so the loop
-// ends with it.
-template <int U>
-__device__ __forceinline__ void init_walks(ChunkWalk (&w)[U], long long cpr) {
-    const long long threads = (long long)gridDim.x * blockDim.x;
-    const long long k0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    #pragma unroll
-    for (int s = 0; s < U; s++) w[s].init(cpr, k0 + s * threads, U * threads);
-}
-
-// cols is a multiple of W; cpr = cols / W chunks per row.
+// cols is a multiple of W.
 template <typename T, int ACT, int W, int U>
 __device__ __forceinline__ void gated_forward(const T* __restrict__ g, const T* __restrict__ u, long long gu_stride,
                                               T* __restrict__ y, long long y_stride, long long rows, long long cols) {
-    ChunkWalk w[U];
-    init_walks<U>(w, cols / W);
-    while (w[0].row < rows) {
+    const long long cpr = cols / W;
+    FOR_EACH_TILE(U, rows, cpr) {
         Raw<T, W> rg[U], ru[U];
         #pragma unroll
         for (int s = 0; s < U; s++) {
-            if (w[s].row < rows) {
-                const long long off = w[s].row * gu_stride + w[s].c * W;
-                load_raw(g + off, rg[s]);
-                load_raw(u + off, ru[s]);
+            const long long c = c0 + s * blockDim.x;
+            if (c < cpr) {
+                load_raw(g + row * gu_stride + c * W, rg[s]);
+                load_raw(u + row * gu_stride + c * W, ru[s]);
             }
         }
         #pragma unroll
         for (int s = 0; s < U; s++) {
-            if (w[s].row < rows) {
+            const long long c = c0 + s * blockDim.x;
+            if (c < cpr) {
                 float gv[W], uv[W], o[W];
                 unpack(rg[s], gv);
                 unpack(ru[s], uv);
                 #pragma unroll
                 for (int j = 0; j < W; j++) o[j] = round_to<T>(act_fn<ACT>(gv[j])) * uv[j];
-                store_w<W>(y + w[s].row * y_stride + w[s].c * W, o);
+                store_w<W>(y + row * y_stride + c * W, o);
             }
-            w[s].next();
         }
     }
 }
@@ -141,23 +122,22 @@ __device__ __forceinline__ void gated_forward(const T* __restrict__ g, const T* 
 template <typename T, int ACT, int W, int U>
 __device__ __forceinline__ void gated_backward(const T* __restrict__ dy, long long dy_stride, T* g, T* u,
                                                long long gu_stride, long long rows, long long cols) {
-    ChunkWalk w[U];
-    init_walks<U>(w, cols / W);
-    while (w[0].row < rows) {
+    const long long cpr = cols / W;
+    FOR_EACH_TILE(U, rows, cpr) {
         Raw<T, W> rd[U], rg[U], ru[U];
         #pragma unroll
         for (int s = 0; s < U; s++) {
-            if (w[s].row < rows) {
-                const long long off = w[s].row * gu_stride + w[s].c * W;
-                load_raw(dy + w[s].row * dy_stride + w[s].c * W, rd[s]);
-                load_raw(g + off, rg[s]);
-                load_raw(u + off, ru[s]);
+            const long long c = c0 + s * blockDim.x;
+            if (c < cpr) {
+                load_raw(dy + row * dy_stride + c * W, rd[s]);
+                load_raw(g + row * gu_stride + c * W, rg[s]);
+                load_raw(u + row * gu_stride + c * W, ru[s]);
             }
         }
         #pragma unroll
         for (int s = 0; s < U; s++) {
-            if (w[s].row < rows) {
-                const long long off = w[s].row * gu_stride + w[s].c * W;
+            const long long c = c0 + s * blockDim.x;
+            if (c < cpr) {
                 float dv[W], gv[W], uv[W], dg[W], du[W];
                 unpack(rd[s], dv);
                 unpack(rg[s], gv);
@@ -167,10 +147,9 @@ __device__ __forceinline__ void gated_backward(const T* __restrict__ dy, long lo
                     du[j] = dv[j] * round_to<T>(act_fn<ACT>(gv[j]));
                     dg[j] = round_to<T>(dv[j] * uv[j]) * act_grad<ACT>(gv[j]);
                 }
-                store_w<W>(g + off, dg);
-                store_w<W>(u + off, du);
+                store_w<W>(g + row * gu_stride + c * W, dg);
+                store_w<W>(u + row * gu_stride + c * W, du);
             }
-            w[s].next();
         }
     }
 }
@@ -178,10 +157,10 @@ __device__ __forceinline__ void gated_backward(const T* __restrict__ dy, long lo
 // Entry points: gated_{forward,backward}_{silu,gelu}_{vec,any}_{bf16,f32}, 4 chunks per thread
 // per step. _vec needs cols a multiple of 8 and 16-byte aligned rows; _any takes any layout.
 #define INSTANTIATE_ONE(T, S, ACT, A, W, V)                                                                   \
-extern "C" __global__ void __launch_bounds__(256) gated_forward_##A##_##V##_##S(const T* g, const T* u,     \
+extern "C" __global__ void __launch_bounds__(512) gated_forward_##A##_##V##_##S(const T* g, const T* u,     \
         long long gu_stride, T* y, long long y_stride, long long rows, long long cols) {                     \
     gated_forward<T, ACT, W, 4>(g, u, gu_stride, y, y_stride, rows, cols); }                                  \
-extern "C" __global__ void __launch_bounds__(256) gated_backward_##A##_##V##_##S(const T* dy,                \
+extern "C" __global__ void __launch_bounds__(512) gated_backward_##A##_##V##_##S(const T* dy,                \
         long long dy_stride, T* g, T* u, long long gu_stride, long long rows, long long cols) {              \
     gated_backward<T, ACT, W, 4>(dy, dy_stride, g, u, gu_stride, rows, cols); }
 
