@@ -74,23 +74,26 @@ impl GatedAct {
 const GELU_K: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044715;
 
-const THREADS: u32 = 256;
+/// The kernels' launch bound.
+const MAX_THREADS: usize = 512;
+/// Chunks per thread (the kernels' U): all their loads are in flight together.
+const UNROLL: usize = 4;
 
 fn check_dtype(op: &'static str, name: &'static str, t: &Tensor) -> Result<()> {
     expect_dtype(op, name, t, &[DType::F32, DType::BF16])
 }
 
-/// The kernel for `cols`-element rows (`_vec` when rows are whole 16-byte chunks) and its
-/// grid: enough blocks to fill the GPU a few times over for the grid-stride loop.
+/// The kernel for `rows` rows of `cols` elements (`_vec` when rows are whole 16-byte chunks)
+/// and its launch: a block covers up to `UNROLL` x 512 chunks of a row (one block per row at
+/// Llama sizes), `grid.x` the tiles of a row, `grid.y` the rows (looping past 65535).
 fn kernel(
-    gpu: &Gpu,
     dir: &str,
     act: GatedAct,
     dtype: DType,
     rows: usize,
     cols: usize,
     ptrs: &[u64],
-) -> (String, u32) {
+) -> (String, (u32, u32, u32), u32) {
     let aligned = ptrs.iter().all(|p| p % 16 == 0);
     let w = if cols.is_multiple_of(8) && aligned {
         8
@@ -103,11 +106,11 @@ fn kernel(
         if w == 8 { "vec" } else { "any" },
         dtype.kernel_suffix()
     );
-    let chunks = rows * (cols / w);
-    let grid = chunks
-        .div_ceil(THREADS as usize)
-        .clamp(1, gpu.sm_count() * 16);
-    (name, grid as u32)
+    let cpr = cols / w;
+    let threads = (cpr.div_ceil(UNROLL).div_ceil(32) * 32).clamp(32, MAX_THREADS);
+    let tiles = cpr.div_ceil(threads * UNROLL).min(i32::MAX as usize);
+    let grid = (tiles as u32, rows.clamp(1, 65535) as u32, 1);
+    (name, grid, threads as u32)
 }
 
 /// `y = act(gate) * up`, same shape and dtype as `gate`.
@@ -129,9 +132,9 @@ pub fn gated_act_forward(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Te
             if n > 0 {
                 // The two inputs and the output are contiguous alike: one long row.
                 let ptrs = [gate.dptr(), up.dptr(), y.dptr()];
-                let (name, grid) = kernel(&gpu, "forward", act, gate.dtype(), 1, n, &ptrs);
+                let (name, grid, threads) = kernel("forward", act, gate.dtype(), 1, n, &ptrs);
                 let f = gpu.function(&SOURCE, &name)?;
-                launch!(gpu, f, (grid, 1, 1), (THREADS, 1, 1), 0;
+                launch!(gpu, f, grid, (threads, 1, 1), 0;
                     gate.dptr(), up.dptr(), n as i64, y.dptr(), n as i64, 1i64, n as i64)?;
             }
             Ok(y)
@@ -167,9 +170,9 @@ pub fn gated_act_backward(
         Some(gpu) => {
             if n > 0 {
                 let ptrs = [dy.dptr(), gate.dptr(), up.dptr()];
-                let (name, grid) = kernel(&gpu, "backward", act, gate.dtype(), 1, n, &ptrs);
+                let (name, grid, threads) = kernel("backward", act, gate.dtype(), 1, n, &ptrs);
                 let f = gpu.function(&SOURCE, &name)?;
-                launch!(gpu, f, (grid, 1, 1), (THREADS, 1, 1), 0;
+                launch!(gpu, f, grid, (threads, 1, 1), 0;
                     dy.dptr(), n as i64, gate.dptr(), up.dptr(), n as i64, 1i64, n as i64)?;
             }
             Ok(())
@@ -211,9 +214,9 @@ pub fn gated_act_forward_fused(gate_up: &Tensor, act: GatedAct) -> Result<Tensor
             if rows * inter > 0 {
                 let up = gate_up.dptr() + (inter * dt.size_in_bytes()) as u64;
                 let ptrs = [gate_up.dptr(), up, y.dptr()];
-                let (name, grid) = kernel(&gpu, "forward", act, dt, rows, inter, &ptrs);
+                let (name, grid, threads) = kernel("forward", act, dt, rows, inter, &ptrs);
                 let f = gpu.function(&SOURCE, &name)?;
-                launch!(gpu, f, (grid, 1, 1), (THREADS, 1, 1), 0;
+                launch!(gpu, f, grid, (threads, 1, 1), 0;
                     gate_up.dptr(), up, (2 * inter) as i64, y.dptr(), inter as i64,
                     rows as i64, inter as i64)?;
             }
@@ -259,9 +262,9 @@ pub fn gated_act_backward_fused(dy: &Tensor, gate_up: &mut Tensor, act: GatedAct
             if rows * inter > 0 {
                 let up = gate_up.dptr() + (inter * dt.size_in_bytes()) as u64;
                 let ptrs = [dy.dptr(), gate_up.dptr(), up];
-                let (name, grid) = kernel(&gpu, "backward", act, dt, rows, inter, &ptrs);
+                let (name, grid, threads) = kernel("backward", act, dt, rows, inter, &ptrs);
                 let f = gpu.function(&SOURCE, &name)?;
-                launch!(gpu, f, (grid, 1, 1), (THREADS, 1, 1), 0;
+                launch!(gpu, f, grid, (threads, 1, 1), 0;
                     dy.dptr(), inter as i64, gate_up.dptr(), up, (2 * inter) as i64,
                     rows as i64, inter as i64)?;
             }

@@ -82,7 +82,7 @@ pub fn layer_norm_forward(
             let y = Tensor::uninit_cuda(&gpu, x.shape(), x.dtype())?;
             let mean = Tensor::uninit_cuda(&gpu, &[rows], DType::F32)?;
             let rstd = Tensor::uninit_cuda(&gpu, &[rows], DType::F32)?;
-            let (name, threads) = variant(cols, "forward", x.dtype());
+            let (name, threads) = forward_variant(cols, x.dtype());
             let f = gpu.function(&SOURCE, &name)?;
             launch!(gpu, f, (row_grid(&gpu, rows, 8), 1, 1), (threads, 1, 1), 0;
                 x.dptr(), weight.dptr(), bias.dptr(), y.dptr(), mean.dptr(), rstd.dptr(),
@@ -120,16 +120,13 @@ pub fn layer_norm_backward(
         return cpu_backward(dy, x, weight, mean, rstd, rows, cols);
     };
     let dx = Tensor::uninit_cuda(&gpu, x.shape(), x.dtype())?;
-    // Each block writes one partial row of dw and of db: a few blocks per SM fill the GPU
-    // while keeping the partials (and the reduce that reads them) small.
-    let grid = row_grid(&gpu, rows, 4);
+    let (name, grid, block, group_threads, shared) = backward_launch(&gpu, rows, cols, x.dtype());
     let dw_partial = Tensor::uninit_cuda(&gpu, &[grid as usize, cols], DType::F32)?;
     let db_partial = Tensor::uninit_cuda(&gpu, &[grid as usize, cols], DType::F32)?;
-    let (name, threads) = variant(cols, "backward", x.dtype());
     let f = gpu.function(&SOURCE, &name)?;
-    launch!(gpu, f, (grid, 1, 1), (threads, 1, 1), 0;
+    launch!(gpu, f, (grid, 1, 1), (block, 1, 1), shared;
         dy.dptr(), x.dptr(), weight.dptr(), mean.dptr(), rstd.dptr(), dx.dptr(),
-        dw_partial.dptr(), db_partial.dptr(), rows as i32, cols as i32)?;
+        dw_partial.dptr(), db_partial.dptr(), rows as i32, cols as i32, group_threads as i32)?;
     let dw = Tensor::uninit_cuda(&gpu, &[cols], DType::F32)?;
     let db = Tensor::uninit_cuda(&gpu, &[cols], DType::F32)?;
     let f = gpu.function(&SOURCE, "layer_norm_param_reduce")?;
@@ -138,20 +135,61 @@ pub fn layer_norm_backward(
     Ok(LayerNormBackward { dx, dw, db })
 }
 
-/// The kernel variant and block size for a row length: the whole row in registers when it is
-/// a multiple of 8 elements and fits (2 chunks of 8 per thread, or 4 for long rows), plain
-/// loops otherwise.
-fn variant(cols: usize, dir: &str, dtype: DType) -> (String, u32) {
+/// The forward kernel and its block size for a row length: the whole row in registers when
+/// it is a multiple of 8 elements and fits in 512 threads (the kernels' launch bound), with 2
+/// chunks of 8 per thread, or 4; plain loops otherwise.
+fn forward_variant(cols: usize, dtype: DType) -> (String, u32) {
     let chunks = cols / 8;
     let sfx = dtype.kernel_suffix();
     for v in [2usize, 4] {
-        if cols.is_multiple_of(8) && chunks.div_ceil(v) <= 1024 {
+        if cols.is_multiple_of(8) && chunks.div_ceil(v) <= 512 {
             let threads = chunks.div_ceil(v).div_ceil(32) * 32;
-            return (format!("layer_norm_{dir}_vec{v}_{sfx}"), threads as u32);
+            return (format!("layer_norm_forward_vec{v}_{sfx}"), threads as u32);
         }
     }
-    let threads = cols.div_ceil(32).clamp(1, 8) * 32;
-    (format!("layer_norm_{dir}_any_{sfx}"), threads as u32)
+    (format!("layer_norm_forward_any_{sfx}"), any_threads(cols))
+}
+
+fn any_threads(cols: usize) -> u32 {
+    cols.div_ceil(32).clamp(1, 8) as u32 * 32
+}
+
+/// The backward kernel and its launch: (name, grid, block, threads per row-group, dynamic
+/// shared bytes). The register-resident kernel takes rows that are a multiple of 8 and fit in
+/// one row-group (2 chunks of 8 per thread, at most 512 threads for bf16, 256 for f32, whose
+/// prefetch takes twice the registers); a block holds as many row-groups as fit in that bound.
+/// One block per SM (never more than the row-groups have rows), so the weight-gradient
+/// partials are one row per SM, as Liger-Kernel's.
+fn backward_launch(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+) -> (String, u32, u32, u32, u32) {
+    let sfx = dtype.kernel_suffix();
+    let max_block = if dtype == DType::BF16 { 512 } else { 256 };
+    let group_threads = (cols / 8).div_ceil(2).div_ceil(32) * 32;
+    if cols.is_multiple_of(8) && group_threads <= max_block {
+        let groups = max_block / group_threads;
+        let grid = rows.div_ceil(groups).clamp(1, gpu.sm_count());
+        let shared = if groups > 1 { cols * 4 } else { 0 };
+        return (
+            format!("layer_norm_backward_vec2_{sfx}"),
+            grid as u32,
+            (groups * group_threads) as u32,
+            group_threads as u32,
+            shared as u32,
+        );
+    }
+    let threads = any_threads(cols);
+    let grid = row_grid(gpu, rows, 1);
+    (
+        format!("layer_norm_backward_any_{sfx}"),
+        grid,
+        threads,
+        threads,
+        0,
+    )
 }
 
 fn cpu_forward(
@@ -252,7 +290,8 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         (DType::F32, 37, 1000, "odd rows, row not /8"),
         (DType::BF16, 129, 3000, "odd rows"),
         (DType::F32, 1000, 4096, "f32"),
-        (DType::BF16, 64, 20000, "4 chunks per thread"),
+        (DType::BF16, 64, 12000, "forward 4 chunks per thread"),
+        (DType::F32, 40, 20000, "row too long for registers"),
         (DType::F32, 33, 40000, "row too long for registers"),
         (DType::BF16, 300, 128, "short rows"),
         (DType::BF16, 17, 77, "tiny odd"),
