@@ -154,6 +154,8 @@ __device__ __forceinline__ void rope_any(T* q, T* k, const int* positions, const
 }
 
 // k may be null with k_heads = 0 (one tensor alone). sin_sign: +1 forward, -1 backward.
+// rope_vec asks for 3 blocks of 256 per SM (<= 85 registers; unbounded it takes ~100, which
+// allows only 2): more threads with 4 heads of loads in flight each, for a memory-bound op.
 #define ROPE_INSTANTIATE(T, S)                                                                     \
 extern "C" __global__ void __launch_bounds__(256, 3) rope_vec_##S(T* q, T* k, const int* positions,  \
         const __grid_constant__ RopeFreqs freqs, int tokens, int q_heads, int k_heads, int half,  \
