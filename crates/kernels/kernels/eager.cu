@@ -89,3 +89,50 @@ extern "C" __global__ void eager_act_backward(const void* dy, int dyb, const voi
         st(y, i, yb, ld(dy, i, dyb) * d);
     }
 }
+
+// ---- RoPE pieces (the unfused side of the rope bench), as HF's LlamaRotaryEmbedding and
+// apply_rotary_pos_emb run them op by op.
+
+// angles[t, j] = float(positions[t]) * inv_freq[j % half] for j < 2 * half: HF's fp32
+// outer product of positions and inv_freq and its cat((freqs, freqs)), here one kernel.
+extern "C" __global__ void eager_rope_angles(const int* positions, const float* inv_freq, float* out,
+                                             long tokens, long half) {
+    const long n = tokens * 2 * half;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long t = i / (2 * half), j = i % (2 * half);
+        out[i] = __fmul_rn((float)positions[t], inv_freq[j % half]);
+    }
+}
+
+// y = cos(x) (op 0) or sin(x) (op 1) of f32 x, cast to y's dtype.
+extern "C" __global__ void eager_trig(const float* x, void* y, int yb, long n, int op) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        st(y, i, yb, op == 0 ? cosf(x[i]) : sinf(x[i]));
+}
+
+// y = sign * rotate_half(x) over rows of head_dim = 2 * half: y[:half] = -x[half:],
+// y[half:] = x[:half] (HF's neg and cat, here one copy kernel). sign -1 is its backward.
+extern "C" __global__ void eager_rotate_half(const void* x, void* y, int b, long n, long half, float sign) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long j = i % (2 * half);
+        const float v = j < half ? -ld(x, i + half, b) : ld(x, i - half, b);
+        st(y, i, b, sign * v);
+    }
+}
+
+// y = a (op) b, a [tokens, heads, cols] and b [tokens, cols] repeated over the heads.
+// op as in eager_binary.
+extern "C" __global__ void eager_binary_per_token(const void* a, int ab, const void* b, int bb, void* y,
+                                                  int yb, long n, long cols, long heads, int op) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long j = (i / (heads * cols)) * cols + i % cols;
+        float u = ld(a, i, ab), v = ld(b, j, bb), r;
+        switch (op) {
+            case 0: r = u + v; break;
+            case 1: r = u - v; break;
+            case 2: r = u * v; break;
+            default: r = u / v; break;
+        }
+        st(y, i, yb, r);
+    }
+}

@@ -159,3 +159,70 @@ pub fn act_backward(dy: &Tensor, x: &Tensor, act: ActGrad, out: DType) -> Result
         dy.dptr(), is_bf16(dy), x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), n as i64, act as i32)?;
     Ok(y)
 }
+
+// ---- RoPE pieces (the unfused side of the rope bench).
+
+/// `[tokens, 2 * half]` f32 angles `positions[t] * inv_freq[j % half]`: HF's outer product of
+/// the positions (i32 `[tokens]`) and inv_freq (f32 `[half]`) and its cat, in one kernel.
+pub fn rope_angles(positions: &Tensor, inv_freq: &Tensor) -> Result<Tensor> {
+    let gpu = gpu_of("eager_rope_angles", positions)?;
+    let (tokens, half) = (positions.elem_count(), inv_freq.elem_count());
+    let y = Tensor::uninit_cuda(&gpu, &[tokens, 2 * half], DType::F32)?;
+    let f = gpu.function(&SOURCE, "eager_rope_angles")?;
+    launch!(gpu, f, (grid(&gpu, tokens * 2 * half), 1, 1), (256, 1, 1), 0;
+        positions.dptr(), inv_freq.dptr(), y.dptr(), tokens as i64, half as i64)?;
+    Ok(y)
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum TrigOp {
+    Cos = 0,
+    Sin = 1,
+}
+
+/// `cos` or `sin` of an f32 tensor, cast to `out`.
+pub fn trig(x: &Tensor, op: TrigOp, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_trig", x)?;
+    let y = Tensor::uninit_cuda(&gpu, x.shape(), out)?;
+    let n = x.elem_count();
+    let f = gpu.function(&SOURCE, "eager_trig")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        x.dptr(), y.dptr(), is_bf16(&y), n as i64, op as i32)?;
+    Ok(y)
+}
+
+/// `sign * rotate_half(x)` over rows of `head_dim`: `[-x2, x1]`; `sign = -1` is its backward.
+pub fn rotate_half(x: &Tensor, head_dim: usize, sign: f32) -> Result<Tensor> {
+    let gpu = gpu_of("eager_rotate_half", x)?;
+    let y = Tensor::uninit_cuda(&gpu, x.shape(), x.dtype())?;
+    let n = x.elem_count();
+    let f = gpu.function(&SOURCE, "eager_rotate_half")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        x.dptr(), y.dptr(), is_bf16(x), n as i64, (head_dim / 2) as i64, sign)?;
+    Ok(y)
+}
+
+/// `a (op) b` with `b` `[tokens, cols]` repeated over the heads of `a` `[tokens, heads, cols]`
+/// (HF's cos/sin unsqueezed over the head dim).
+pub fn binary_per_token(a: &Tensor, b: &Tensor, op: BinaryOp, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_binary_per_token", a)?;
+    let (tokens, cols) = b.rows_cols();
+    let n = a.elem_count();
+    if tokens == 0 || cols == 0 || !n.is_multiple_of(tokens * cols) {
+        return Err(KernelError::shape(
+            "eager_binary_per_token",
+            format!(
+                "b {:?} does not repeat over the heads of a {:?}",
+                b.shape(),
+                a.shape()
+            ),
+        ));
+    }
+    let heads = n / (tokens * cols);
+    let y = Tensor::uninit_cuda(&gpu, a.shape(), out)?;
+    let f = gpu.function(&SOURCE, "eager_binary_per_token")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        a.dptr(), is_bf16(a), b.dptr(), is_bf16(b), y.dptr(), is_bf16(&y),
+        n as i64, cols as i64, heads as i64, op as i32)?;
+    Ok(y)
+}

@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod layer_norm;
 pub mod matmul;
 pub mod rms_norm;
+pub mod rope;
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     layer_norm::SOURCE,
     elementwise::SOURCE,
     embedding::SOURCE,
+    rope::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -36,6 +38,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         layer_norm::CHECK,
         elementwise::CHECK,
         embedding::CHECK,
+        rope::CHECK,
     ]
 }
 
@@ -46,6 +49,7 @@ pub fn all_benches() -> Vec<KernelBench> {
         activation_mul::BENCH,
         layer_norm::BENCH,
         embedding::BENCH,
+        rope::BENCH,
     ]
 }
 
