@@ -702,12 +702,12 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::check::rel_err;
 
     /// Naive f64 loss (sum of token losses / normalizer), straight from the definition.
-    fn naive_loss(x: &[f64], labels: &[i32], v: usize, p: &CrossEntropy) -> f64 {
+    pub(crate) fn naive_loss(x: &[f64], labels: &[i32], v: usize, p: &CrossEntropy) -> f64 {
         let cap = |z: f64| p.softcap.map_or(z, |c| c as f64 * (z / c as f64).tanh());
         let eps = p.label_smoothing as f64;
         let mut total = 0.0;

@@ -3,6 +3,7 @@
 
 pub mod cross_entropy;
 pub mod eager;
+pub mod fused_linear_cross_entropy;
 pub mod matmul;
 pub mod rms_norm;
 
@@ -19,12 +20,21 @@ pub const ALL_SOURCES: &[KernelSource] = &[eager::SOURCE, rms_norm::SOURCE, cros
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
 pub fn all_checks() -> Vec<GpuCheck> {
-    vec![matmul::CHECK, rms_norm::CHECK, cross_entropy::CHECK]
+    vec![
+        matmul::CHECK,
+        rms_norm::CHECK,
+        cross_entropy::CHECK,
+        fused_linear_cross_entropy::CHECK,
+    ]
 }
 
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
 pub fn all_benches() -> Vec<KernelBench> {
-    vec![rms_norm::BENCH, cross_entropy::BENCH]
+    vec![
+        rms_norm::BENCH,
+        cross_entropy::BENCH,
+        fused_linear_cross_entropy::BENCH,
+    ]
 }
 
 pub(crate) fn expect_dtype(
