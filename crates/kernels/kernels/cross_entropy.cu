@@ -100,26 +100,29 @@ struct CeParams {
     float smoothing, z_loss, softcap, inv_cap;
 };
 
+template <bool CAP>
 __device__ __forceinline__ float capped(float x, const CeParams& p) {
-    return p.softcap > 0.0f ? p.softcap * tanhf(x * p.inv_cap) : x;
+    return CAP ? p.softcap * tanhf(x * p.inv_cap) : x;
 }
 
 // Gradient of one element, from its capped logit z.
+template <bool CAP>
 __device__ __forceinline__ float grad_of(float z, bool is_label, float lse2, float a, float b, float hit,
                                          const CeParams& p) {
     float g = fmaf(a, ex2(fmaf(z, LOG2E, -lse2)), -b);
     if (is_label) g -= hit;
-    if (p.softcap > 0.0f) {
+    if (CAP) {
         const float t = z * p.inv_cap;
         g *= 1.0f - t * t;
     }
     return g;
 }
 
-// GRAD: write the gradient (pass 2); without it the logits are only read.
+// GRAD: write the gradient (pass 2); without it the logits are only read. CAP: soft-capped
+// logits (a template parameter, so that the plain kernel carries no tanh code or registers).
 // status[0] holds the number of valid labels (the default normalizer). `cache_chunks` is how
 // many 8-element chunks of the row the dynamic shared memory holds (0 without GRAD).
-template <typename T, bool GRAD>
+template <typename T, bool GRAD, bool CAP>
 __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __restrict__ labels,
                                         float* __restrict__ row_loss, const int* __restrict__ status,
                                         int rows, int V, CeParams p, float num_items, float grad_scale,
@@ -156,7 +159,7 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __res
         Online st;
         st.init();
         for (int i = tid; i < scalars; i += bs) {
-            const float z[1] = {capped(to_float(x[i < head ? i : tail0 + i - head]), p)};
+            const float z[1] = {capped<CAP>(to_float(x[i < head ? i : tail0 + i - head]), p)};
             st.add<1>(z);
         }
         for (int c0 = tid; c0 < chunks; c0 += U * bs) {
@@ -177,13 +180,13 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __res
                     float z[8];
                     unpack8(r[u], z);
                     #pragma unroll
-                    for (int j = 0; j < 8; j++) z[j] = capped(z[j], p);
+                    for (int j = 0; j < 8; j++) z[j] = capped<CAP>(z[j], p);
                     st.add<8>(z);
                 }
             }
         }
         // Read before the reductions' barriers, hence before any thread overwrites the row.
-        const float z_label = tid == 0 ? capped(to_float(x[label]), p) : 0.0f;
+        const float z_label = tid == 0 ? capped<CAP>(to_float(x[label]), p) : 0.0f;
         const float M = block_max(st.m, scratch);
         const float S = block_sum(st.m == NEG_INF ? 0.0f : st.s * ex2(st.m - M), scratch);
         const float SZ = block_sum(st.sz, scratch);
@@ -199,7 +202,7 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __res
         const float hit = scale * (1.0f - p.smoothing);
         for (int i = tid; i < scalars; i += bs) {
             const int e = i < head ? i : tail0 + i - head;
-            x[e] = from_float<T>(grad_of(capped(to_float(x[e]), p), e == label, lse2, a, b, hit, p));
+            x[e] = from_float<T>(grad_of<CAP>(capped<CAP>(to_float(x[e]), p), e == label, lse2, a, b, hit, p));
         }
         const int label_in_body = label - head;  // may be outside [0, 8 * chunks): then never hit
         for (int c0 = tid; c0 < chunks; c0 += U * bs) {
@@ -224,7 +227,7 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __res
                     unpack8(r[u], v);
                     #pragma unroll
                     for (int j = 0; j < 8; j++)
-                        v[j] = grad_of(capped(v[j], p), c * 8 + j == label_in_body, lse2, a, b, hit, p);
+                        v[j] = grad_of<CAP>(capped<CAP>(v[j], p), c * 8 + j == label_in_body, lse2, a, b, hit, p);
                     store8_stream(body + (size_t)c * 8, v);
                 }
             }
@@ -232,20 +235,21 @@ __device__ __forceinline__ void ce_rows(T* __restrict__ logits, const int* __res
     }
 }
 
+// Entry points: cross_entropy_{grad,loss}[_cap]_{bf16,f32}.
+#define ENTRY(T, S, KIND, GRAD, CAP)                                                               \
+extern "C" __global__ void __launch_bounds__(1024) cross_entropy_##KIND##_##S(                     \
+        T* logits, const int* labels, float* row_loss, const int* status, int rows, int V,         \
+        int ignore_index, float smoothing, float z_loss, float softcap, float num_items,           \
+        float grad_scale, int cache_chunks) {                                                      \
+    CeParams p{ignore_index, smoothing, z_loss, softcap, softcap > 0.0f ? 1.0f / softcap : 0.0f};  \
+    ce_rows<T, GRAD, CAP>(logits, labels, row_loss, status, rows, V, p, num_items, grad_scale,     \
+                          GRAD ? cache_chunks : 0); }
+
 #define INSTANTIATE(T, S)                                                                          \
-extern "C" __global__ void __launch_bounds__(1024) cross_entropy_grad_##S(                         \
-        T* logits, const int* labels, float* row_loss, const int* status, int rows, int V,         \
-        int ignore_index, float smoothing, float z_loss, float softcap, float num_items,           \
-        float grad_scale, int cache_chunks) {                                                      \
-    CeParams p{ignore_index, smoothing, z_loss, softcap, softcap > 0.0f ? 1.0f / softcap : 0.0f};  \
-    ce_rows<T, true>(logits, labels, row_loss, status, rows, V, p, num_items, grad_scale,          \
-                     cache_chunks); }                                                              \
-extern "C" __global__ void __launch_bounds__(1024) cross_entropy_loss_##S(                         \
-        T* logits, const int* labels, float* row_loss, const int* status, int rows, int V,         \
-        int ignore_index, float smoothing, float z_loss, float softcap, float num_items,           \
-        float grad_scale, int cache_chunks) {                                                      \
-    CeParams p{ignore_index, smoothing, z_loss, softcap, softcap > 0.0f ? 1.0f / softcap : 0.0f};  \
-    ce_rows<T, false>(logits, labels, row_loss, status, rows, V, p, num_items, grad_scale, 0); }
+ENTRY(T, S, grad, true, false)                                                                     \
+ENTRY(T, S, grad_cap, true, true)                                                                  \
+ENTRY(T, S, loss, false, false)                                                                    \
+ENTRY(T, S, loss_cap, false, true)
 
 INSTANTIATE(bf16, bf16)
 INSTANTIATE(float, f32)

@@ -368,8 +368,9 @@ pub(crate) fn gpu_rows(gpu: &Arc<Gpu>, a: RowsArgs, p: &CrossEntropy, grad: bool
     let cfg = rows_launch(a.v, a.dtype, grad, per_block, per_sm);
     let smem = cfg.cache_chunks * 8 * a.dtype.size_in_bytes();
     let name = format!(
-        "cross_entropy_{}_{}",
+        "cross_entropy_{}{}_{}",
         if grad { "grad" } else { "loss" },
+        if p.softcap.is_some() { "_cap" } else { "" },
         a.dtype.kernel_suffix()
     );
     let f = gpu.function(&SOURCE, &name)?;
