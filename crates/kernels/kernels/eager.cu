@@ -136,3 +136,19 @@ extern "C" __global__ void eager_binary_per_token(const void* a, int ab, const v
         st(y, i, yb, r);
     }
 }
+
+// y[row] = x[row, idx[row]] (0 when idx[row] is outside [0, cols)), one thread per row.
+extern "C" __global__ void eager_gather_rows(const void* x, int xb, const int* idx, float* y, long rows, long cols) {
+    long r = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    int c = idx[r];
+    y[r] = (c >= 0 && c < cols) ? ld(x, r * cols + c, xb) : 0.0f;
+}
+
+// x[row, idx[row]] += s in place (skipped when idx[row] is outside [0, cols)).
+extern "C" __global__ void eager_scatter_add_rows(void* x, int xb, const int* idx, long rows, long cols, float s) {
+    long r = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    int c = idx[r];
+    if (c >= 0 && c < cols) st(x, r * cols + c, xb, ld(x, r * cols + c, xb) + s);
+}

@@ -226,3 +226,45 @@ pub fn binary_per_token(a: &Tensor, b: &Tensor, op: BinaryOp, out: DType) -> Res
         n as i64, cols as i64, heads as i64, op as i32)?;
     Ok(y)
 }
+
+/// `y[row] = x[row, idx[row]]` in f32 (0 where `idx[row]` is outside the row, as for an
+/// ignored label): the gather of a loss's target logits.
+pub fn gather_rows(x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let gpu = gpu_of("eager_gather_rows", x)?;
+    let (rows, cols) = x.rows_cols();
+    if idx.dtype() != DType::I32 || idx.elem_count() != rows {
+        return Err(KernelError::shape(
+            "eager_gather_rows",
+            format!(
+                "idx {:?} is not one i32 per row of x {:?}",
+                idx.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    let y = Tensor::uninit_cuda(&gpu, &[rows], DType::F32)?;
+    let f = gpu.function(&SOURCE, "eager_gather_rows")?;
+    launch!(gpu, f, (rows.div_ceil(256).max(1) as u32, 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), idx.dptr(), y.dptr(), rows as i64, cols as i64)?;
+    Ok(y)
+}
+
+/// `x[row, idx[row]] += s` in place, skipping indices outside the row: a one-hot update.
+pub fn scatter_add_rows(x: &mut Tensor, idx: &Tensor, s: f32) -> Result<()> {
+    let gpu = gpu_of("eager_scatter_add_rows", x)?;
+    let (rows, cols) = x.rows_cols();
+    if idx.dtype() != DType::I32 || idx.elem_count() != rows {
+        return Err(KernelError::shape(
+            "eager_scatter_add_rows",
+            format!(
+                "idx {:?} is not one i32 per row of x {:?}",
+                idx.shape(),
+                x.shape()
+            ),
+        ));
+    }
+    let f = gpu.function(&SOURCE, "eager_scatter_add_rows")?;
+    launch!(gpu, f, (rows.div_ceil(256).max(1) as u32, 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), idx.dptr(), rows as i64, cols as i64, s)?;
+    Ok(())
+}

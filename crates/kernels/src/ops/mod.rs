@@ -2,9 +2,11 @@
 //! benchmark and its tests. Nothing here knows about models.
 
 pub mod activation_mul;
+pub mod cross_entropy;
 pub mod eager;
 pub mod elementwise;
 pub mod embedding;
+pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
 pub mod matmul;
 pub mod rms_norm;
@@ -27,6 +29,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     elementwise::SOURCE,
     embedding::SOURCE,
     rope::SOURCE,
+    cross_entropy::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -39,6 +42,8 @@ pub fn all_checks() -> Vec<GpuCheck> {
         elementwise::CHECK,
         embedding::CHECK,
         rope::CHECK,
+        cross_entropy::CHECK,
+        fused_linear_cross_entropy::CHECK,
     ]
 }
 
@@ -50,6 +55,8 @@ pub fn all_benches() -> Vec<KernelBench> {
         layer_norm::BENCH,
         embedding::BENCH,
         rope::BENCH,
+        cross_entropy::BENCH,
+        fused_linear_cross_entropy::BENCH,
     ]
 }
 
