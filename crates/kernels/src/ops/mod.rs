@@ -5,6 +5,7 @@ pub mod activation_mul;
 pub mod eager;
 pub mod elementwise;
 pub mod layer_norm;
+pub mod lora_linear;
 pub mod matmul;
 pub mod rms_norm;
 
@@ -23,6 +24,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     activation_mul::SOURCE,
     layer_norm::SOURCE,
     elementwise::SOURCE,
+    lora_linear::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -33,12 +35,18 @@ pub fn all_checks() -> Vec<GpuCheck> {
         activation_mul::CHECK,
         layer_norm::CHECK,
         elementwise::CHECK,
+        lora_linear::CHECK,
     ]
 }
 
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
 pub fn all_benches() -> Vec<KernelBench> {
-    vec![rms_norm::BENCH, activation_mul::BENCH, layer_norm::BENCH]
+    vec![
+        rms_norm::BENCH,
+        activation_mul::BENCH,
+        layer_norm::BENCH,
+        lora_linear::BENCH,
+    ]
 }
 
 pub(crate) fn expect_dtype(
