@@ -89,3 +89,10 @@ extern "C" __global__ void eager_act_backward(const void* dy, int dyb, const voi
         st(y, i, yb, ld(dy, i, dyb) * d);
     }
 }
+
+// y = sqrt(x): the denominator of the unfused (one op per kernel) AdamW.
+extern "C" __global__ void eager_sqrt(const void* x, int xb, void* y, int yb, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        st(y, i, yb, sqrtf(ld(x, i, xb)));
+    }
+}

@@ -2,6 +2,7 @@
 //! benchmark and its tests. Nothing here knows about models.
 
 pub mod activation_mul;
+pub mod adamw;
 pub mod eager;
 pub mod elementwise;
 pub mod layer_norm;
@@ -25,6 +26,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     layer_norm::SOURCE,
     elementwise::SOURCE,
     lora_linear::SOURCE,
+    adamw::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -36,6 +38,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         layer_norm::CHECK,
         elementwise::CHECK,
         lora_linear::CHECK,
+        adamw::CHECK,
     ]
 }
 
@@ -46,6 +49,7 @@ pub fn all_benches() -> Vec<KernelBench> {
         activation_mul::BENCH,
         layer_norm::BENCH,
         lora_linear::BENCH,
+        adamw::BENCH,
     ]
 }
 
