@@ -454,6 +454,12 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
     Ok(lines)
 }
 
+/// Merge and unmerge, GPU against the CPU reference, and safe mode's refusal.
+pub const MERGE_CHECK: GpuCheck = GpuCheck {
+    op: "lora_merge",
+    run: merge_check,
+};
+
 fn merge_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     let mut lines = Vec::new();
     for (out, inp, r, wdt, adt, bdt, what) in [
@@ -526,7 +532,6 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     for c in &cases {
         lines.extend(check_case(gpu, rng, c)?);
     }
-    lines.extend(merge_check(gpu, rng)?);
     Ok(lines)
 }
 
@@ -562,7 +567,13 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         // Forward x W^T and backward dy W (no dW), plus the six rank-r products.
         let flops = 4.0 * nf * i * o + 6.0 * nf * rf * (i + o);
         let shape = format!("{n}x{inp}->{out} r={r} bf16");
-        rows.push(measure(gpu, cfg, OP, "fused", &shape, 0.0, flops, || {
+        // One row name per shape: the comparison table keys rows by (op, variant).
+        let op = if out == inp {
+            OP.to_string()
+        } else {
+            format!("{OP}_{inp}x{out}")
+        };
+        rows.push(measure(gpu, cfg, &op, "fused", &shape, 0.0, flops, || {
             let f = lora_linear_forward(&layer, &x, None)?;
             lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true)?;
             Ok(())
@@ -571,7 +582,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rows.push(measure(
             gpu,
             cfg,
-            OP,
+            &op,
             "base-only",
             &shape,
             0.0,
@@ -585,7 +596,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rows.push(measure(
             gpu,
             cfg,
-            OP,
+            &op,
             "unfused",
             &shape,
             0.0,

@@ -39,6 +39,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         elementwise::CHECK,
         lora_linear::CHECK,
         adamw::CHECK,
+        lora_linear::MERGE_CHECK,
     ]
 }
 
