@@ -152,3 +152,10 @@ extern "C" __global__ void eager_scatter_add_rows(void* x, int xb, const int* id
     int c = idx[r];
     if (c >= 0 && c < cols) st(x, r * cols + c, xb, ld(x, r * cols + c, xb) + s);
 }
+
+// y = sqrt(x): the denominator of the unfused (one op per kernel) AdamW.
+extern "C" __global__ void eager_sqrt(const void* x, int xb, void* y, int yb, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        st(y, i, yb, sqrtf(ld(x, i, xb)));
+    }
+}

@@ -268,3 +268,14 @@ pub fn scatter_add_rows(x: &mut Tensor, idx: &Tensor, s: f32) -> Result<()> {
         x.dptr(), is_bf16(x), idx.dptr(), rows as i64, cols as i64, s)?;
     Ok(())
 }
+
+/// `sqrt(x)`, one kernel (the unfused AdamW's denominator).
+pub fn sqrt(x: &Tensor, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_sqrt", x)?;
+    let y = Tensor::uninit_cuda(&gpu, x.shape(), out)?;
+    let n = x.elem_count();
+    let f = gpu.function(&SOURCE, "eager_sqrt")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), n as i64)?;
+    Ok(y)
+}

@@ -2,12 +2,15 @@
 //! benchmark and its tests. Nothing here knows about models.
 
 pub mod activation_mul;
+pub mod adamw;
 pub mod cross_entropy;
 pub mod eager;
 pub mod elementwise;
 pub mod embedding;
 pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
+pub mod lora_linear;
+pub mod lora_linear;
 pub mod matmul;
 pub mod rms_norm;
 pub mod rope;
@@ -30,6 +33,8 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     embedding::SOURCE,
     rope::SOURCE,
     cross_entropy::SOURCE,
+    lora_linear::SOURCE,
+    adamw::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -44,6 +49,9 @@ pub fn all_checks() -> Vec<GpuCheck> {
         rope::CHECK,
         cross_entropy::CHECK,
         fused_linear_cross_entropy::CHECK,
+        lora_linear::CHECK,
+        lora_linear::MERGE_CHECK,
+        adamw::CHECK,
     ]
 }
 
@@ -57,6 +65,8 @@ pub fn all_benches() -> Vec<KernelBench> {
         rope::BENCH,
         cross_entropy::BENCH,
         fused_linear_cross_entropy::BENCH,
+        lora_linear::BENCH,
+        adamw::BENCH,
     ]
 }
 

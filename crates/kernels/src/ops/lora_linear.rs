@@ -1,0 +1,986 @@
+//! A linear layer with a LoRA adapter, `y = x W^T (+ bias) + s (x_d A^T) B^T`, forward and
+//! backward, and the weight merge `W += s B A` (and unmerge) for inference.
+//!
+//! Shapes follow PEFT: `W [out, in]` (frozen, x's dtype), `A [r, in]`, `B [out, r]`, `x [.., in]`.
+//! `x_d` is x or a dropout of x the caller made. Every product is a GEMM (cuBLAS on the GPU,
+//! bf16 or f32 in, fp32 accumulate), ordered so the rank-r products come first and
+//! `W + s B A` is never formed: the forward saves only `xa = x_d A^T [n, r]`, and the
+//! backward accumulates into the existing outputs with `beta = 1` instead of allocating
+//! `[n, out]` or `[n, in]` temporaries. No gradient is computed for W.
+//!
+//! A and B are usually fp32 master weights while x is bf16: they are cast to x's dtype for
+//! the GEMMs (r x (in + out) elements, negligible), and the gradients `dA`, `dB` come out of
+//! bf16-input GEMMs with fp32 outputs, accumulated into the caller's fp32 buffers so that
+//! micro-batches add up without a separate add.
+//!
+//! Rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once:
+//! `y = bf16(bf16(x W^T + bias) + s xa B^T)`, `dx = bf16(bf16(dy W) + dxa A)`, and
+//! `dxa = s dy B` is a bf16 intermediate. The CPU reference is the same composition through the CPU GEMM,
+//! so it rounds at exactly the same places.
+
+use std::sync::Arc;
+
+use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
+use crate::check::{compare, random_pair, random_pair_par, CheckLine, GpuCheck};
+use crate::cpu::par_rows;
+use crate::cuda::{Gpu, KernelSource};
+use crate::error::{KernelError, Result};
+use crate::ops::eager::{self, BinaryOp, Broadcast, UnaryOp};
+use crate::ops::elementwise::cast;
+use crate::ops::matmul::{matmul, matmul_into};
+use crate::rng::Rng;
+use crate::{launch, DType, Device, Tensor};
+
+use super::{common_gpu, expect_dtype, expect_shape};
+
+pub const SOURCE: KernelSource = KernelSource {
+    name: "lora_linear",
+    src: include_str!("../../kernels/lora_linear.cu"),
+};
+
+const OP: &str = "lora_linear";
+
+/// One adapted projection. `w` and `bias` have x's dtype; `a` and `b` are f32 or bf16.
+pub struct LoraLinear<'a> {
+    pub w: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA), as the caller chooses.
+    pub scaling: f32,
+}
+
+pub struct LoraForward {
+    /// `[.., out]`, x's dtype.
+    pub y: Tensor,
+    /// `x_d A^T`, `[.., r]`, x's dtype: all the backward needs besides x_d.
+    pub xa: Tensor,
+}
+
+/// Sizes of one call: `n` rows of x (leading dims folded), `inp -> out`, rank `r`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    inp: usize,
+    out: usize,
+    r: usize,
+}
+
+fn check_layer(layer: &LoraLinear, x: &Tensor) -> Result<Dims> {
+    expect_dtype(OP, "x", x, &[DType::F32, DType::BF16])?;
+    expect_dtype(OP, "w", layer.w, &[x.dtype()])?;
+    expect_dtype(OP, "a", layer.a, &[DType::F32, DType::BF16])?;
+    expect_dtype(OP, "b", layer.b, &[DType::F32, DType::BF16])?;
+    if layer.w.shape().len() != 2 {
+        return Err(KernelError::shape(
+            OP,
+            format!("w {:?} is not [out, in]", layer.w.shape()),
+        ));
+    }
+    let (out, inp) = (layer.w.shape()[0], layer.w.shape()[1]);
+    let r = layer.a.shape().first().copied().unwrap_or(0);
+    if out == 0 || inp == 0 || r == 0 {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "empty layer: w {:?}, a {:?}",
+                layer.w.shape(),
+                layer.a.shape()
+            ),
+        ));
+    }
+    if x.shape().last() != Some(&inp) {
+        return Err(KernelError::shape(
+            OP,
+            format!("x {:?} does not end in w's in dim {inp}", x.shape()),
+        ));
+    }
+    expect_shape(OP, "a", layer.a, &[r, inp])?;
+    expect_shape(OP, "b", layer.b, &[out, r])?;
+    if let Some(bias) = layer.bias {
+        expect_dtype(OP, "bias", bias, &[x.dtype()])?;
+        expect_shape(OP, "bias", bias, &[out])?;
+    }
+    if !layer.scaling.is_finite() {
+        return Err(KernelError::invalid(
+            OP,
+            format!("scaling must be finite, got {}", layer.scaling),
+        ));
+    }
+    Ok(Dims { inp, out, r })
+}
+
+/// x's shape with the last dim replaced.
+fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
+    let mut s = x.shape().to_vec();
+    *s.last_mut().expect("x has a feature dim") = last;
+    s
+}
+
+/// An output buffer on the inputs' device: uninitialised on the GPU (every element is
+/// written by a GEMM with beta = 0), zeros on the CPU.
+fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    match gpu {
+        Some(g) => Tensor::uninit_cuda(g, shape, dtype),
+        None => Tensor::zeros(shape, dtype, &Device::Cpu),
+    }
+}
+
+/// `t` itself when it already has `dtype`, else a rounded copy held in `slot`.
+fn as_dtype<'t>(t: &'t Tensor, dtype: DType, slot: &'t mut Option<Tensor>) -> Result<&'t Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t);
+    }
+    Ok(slot.insert(cast(t, dtype)?))
+}
+
+/// `y[r, :] = bias` for every row.
+fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let cols = bias.elem_count();
+    let rows = shape.iter().product::<usize>() / cols;
+    match gpu {
+        None => {
+            let b = bias.cpu_f32();
+            let mut v = vec![0.0f32; rows * cols];
+            par_rows(&mut v, cols, |_, row| row.copy_from_slice(&b));
+            Tensor::from_f32_as(shape, v, bias.dtype())
+        }
+        Some(gpu) => {
+            let y = Tensor::uninit_cuda(gpu, shape, bias.dtype())?;
+            let n = rows * cols;
+            let f = gpu.function(
+                &SOURCE,
+                &format!("lora_fill_rows_{}", bias.dtype().kernel_suffix()),
+            )?;
+            let grid = n.div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
+            launch!(gpu, f, (grid, 1, 1), (256, 1, 1), 0;
+                y.dptr(), bias.dptr(), rows as i64, cols as i32)?;
+            Ok(y)
+        }
+    }
+}
+
+/// `y = x W^T (+ bias) + s (x_d A^T) B^T` with `x_d = x_lora.unwrap_or(x)`; saves `x_d A^T`.
+pub fn lora_linear_forward(
+    layer: &LoraLinear,
+    x: &Tensor,
+    x_lora: Option<&Tensor>,
+) -> Result<LoraForward> {
+    let d = check_layer(layer, x)?;
+    if let Some(xl) = x_lora {
+        expect_dtype(OP, "x_lora", xl, &[x.dtype()])?;
+        expect_shape(OP, "x_lora", xl, x.shape())?;
+    }
+    let mut tensors = vec![("x", x), ("w", layer.w), ("a", layer.a), ("b", layer.b)];
+    tensors.extend(layer.bias.map(|t| ("bias", t)));
+    tensors.extend(x_lora.map(|t| ("x_lora", t)));
+    let gpu = common_gpu(OP, &tensors)?;
+    let dt = x.dtype();
+    let (mut a_slot, mut b_slot) = (None, None);
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let b = as_dtype(layer.b, dt, &mut b_slot)?;
+
+    let mut xa = output(&gpu, &with_last(x, d.r), dt)?;
+    matmul_into(x_lora.unwrap_or(x), false, a, true, &mut xa, 1.0, 0.0)?;
+    let y_shape = with_last(x, d.out);
+    let (mut y, beta) = match layer.bias {
+        // The base GEMM adds onto the bias rows: x W^T + bias rounded once, as F.linear.
+        Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
+        None => (output(&gpu, &y_shape, dt)?, 0.0),
+    };
+    matmul_into(x, false, layer.w, true, &mut y, 1.0, beta)?;
+    matmul_into(&xa, false, b, true, &mut y, layer.scaling, 1.0)?;
+    Ok(LoraForward { y, xa })
+}
+
+/// From `dy [.., out]`: `dB += s dy^T xa`, `dA += (s dy B)^T x_d` (both f32, accumulated),
+/// and, when `need_dx`, returns `dx = dy W + (s dy B) A`.
+///
+/// `x` is the tensor the adapter saw in the forward (`x_lora` when one was given): it is
+/// read only for `dA`. The returned `dx` treats the adapter's input as x itself; under
+/// dropout the adapter's share `(s dy B) A` would need the dropout mask, which this op does
+/// not know, so callers with dropout take `dx` from elsewhere.
+pub fn lora_linear_backward(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &mut Tensor,
+    db: &mut Tensor,
+    need_dx: bool,
+) -> Result<Option<Tensor>> {
+    let d = check_layer(layer, x)?;
+    let dt = x.dtype();
+    expect_dtype(OP, "dy", dy, &[dt])?;
+    expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
+    expect_dtype(OP, "xa", xa, &[dt])?;
+    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
+    expect_dtype(OP, "da", da, &[DType::F32])?;
+    expect_shape(OP, "da", da, &[d.r, d.inp])?;
+    expect_dtype(OP, "db", db, &[DType::F32])?;
+    expect_shape(OP, "db", db, &[d.out, d.r])?;
+    let gpu = common_gpu(
+        OP,
+        &[
+            ("dy", dy),
+            ("x", x),
+            ("xa", xa),
+            ("w", layer.w),
+            ("a", layer.a),
+            ("b", layer.b),
+            ("da", da),
+            ("db", db),
+        ],
+    )?;
+    let s = layer.scaling;
+    matmul_into(dy, true, xa, false, db, s, 1.0)?;
+    let mut dxa = output(&gpu, &with_last(x, d.r), dt)?;
+    {
+        let mut b_slot = None;
+        let b = as_dtype(layer.b, dt, &mut b_slot)?;
+        matmul_into(dy, false, b, false, &mut dxa, s, 0.0)?;
+    }
+    matmul_into(&dxa, true, x, false, da, 1.0, 1.0)?;
+    if !need_dx {
+        return Ok(None);
+    }
+    let mut a_slot = None;
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let mut dx = output(&gpu, x.shape(), dt)?;
+    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
+    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
+    Ok(Some(dx))
+}
+
+/// `W += s B A` in place: the rank-r product in fp32, W rounded once to its dtype. With
+/// `safe`, nothing is written if any merged value would be non-finite (an error instead).
+pub fn lora_merge(w: &mut Tensor, a: &Tensor, b: &Tensor, scaling: f32, safe: bool) -> Result<()> {
+    merge_scaled("lora_merge", w, a, b, scaling, safe)
+}
+
+/// `W -= s B A`, the inverse of [`lora_merge`] up to W's rounding (a bf16 W merged and
+/// unmerged can differ from the original by an ulp).
+pub fn lora_unmerge(
+    w: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f32,
+    safe: bool,
+) -> Result<()> {
+    merge_scaled("lora_unmerge", w, a, b, -scaling, safe)
+}
+
+fn merge_scaled(
+    op: &'static str,
+    w: &mut Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    s: f32,
+    safe: bool,
+) -> Result<()> {
+    expect_dtype(op, "w", w, &[DType::F32, DType::BF16])?;
+    expect_dtype(op, "a", a, &[DType::F32, DType::BF16])?;
+    expect_dtype(op, "b", b, &[DType::F32, DType::BF16])?;
+    if w.shape().len() != 2 || a.shape().len() != 2 {
+        return Err(KernelError::shape(
+            op,
+            format!("w {:?} and a {:?} must be 2-D", w.shape(), a.shape()),
+        ));
+    }
+    let (out, inp, r) = (w.shape()[0], w.shape()[1], a.shape()[0]);
+    expect_shape(op, "a", a, &[r, inp])?;
+    expect_shape(op, "b", b, &[out, r])?;
+    if !s.is_finite() {
+        return Err(KernelError::invalid(
+            op,
+            format!("scaling must be finite, got {s}"),
+        ));
+    }
+    if out == 0 || inp == 0 || r == 0 {
+        return Ok(());
+    }
+    let refuse = || {
+        KernelError::invalid(
+            op,
+            format!(
+                "W {:?} + s B A has non-finite values; W left unchanged",
+                w.shape()
+            ),
+        )
+    };
+    match common_gpu(op, &[("w", w), ("a", a), ("b", b)])? {
+        None => {
+            let merged = cpu_merged(w, a, b, s, inp, r);
+            let merged = Tensor::from_f32_as(w.shape(), merged, w.dtype())?;
+            if safe && merged.cpu_f32().iter().any(|v| !v.is_finite()) {
+                return Err(refuse());
+            }
+            w.cpu_store_f32(&merged.cpu_f32());
+            Ok(())
+        }
+        Some(gpu) => {
+            let tiles_y = out.div_ceil(32);
+            if tiles_y > 65535 || inp > i32::MAX as usize || out > i32::MAX as usize {
+                return Err(KernelError::invalid(
+                    op,
+                    format!("w {:?} is too large for the merge kernel's grid", w.shape()),
+                ));
+            }
+            let name = format!(
+                "lora_merge_{}_{}_{}",
+                w.dtype().kernel_suffix(),
+                a.dtype().kernel_suffix(),
+                b.dtype().kernel_suffix()
+            );
+            let f = gpu.function(&SOURCE, &name)?;
+            let grid = (inp.div_ceil(128) as u32, tiles_y as u32, 1);
+            let run = |apply: i32, flag: u64| {
+                launch!(gpu, f, grid, (256, 1, 1), 0;
+                    w.dptr(), a.dptr(), b.dptr(), out as i32, inp as i32, r as i32, s, apply, flag)
+            };
+            if safe {
+                // A dry pass that only looks for non-finite results, then the real one: the
+                // rank-r product is cheap next to moving W, and W stays untouched on refusal.
+                let flag = Tensor::zeros(&[1], DType::I32, &Device::Cuda(gpu.clone()))?;
+                run(0, flag.dptr())?;
+                if flag.to_i32_vec()?[0] != 0 {
+                    return Err(refuse());
+                }
+            }
+            run(1, 0)
+        }
+    }
+}
+
+/// `W + s B A` as f32 values: per row of W, `sum_k B[i, k] A[k, :]` accumulated in f32 over
+/// k in order.
+fn cpu_merged(w: &Tensor, a: &Tensor, b: &Tensor, s: f32, inp: usize, r: usize) -> Vec<f32> {
+    let (wv, av, bv) = (w.cpu_f32(), a.cpu_f32(), b.cpu_f32());
+    let mut merged = vec![0.0f32; wv.len()];
+    par_rows(&mut merged, inp, |i, row| {
+        for (k, &bik) in bv[i * r..(i + 1) * r].iter().enumerate() {
+            for (o, &akj) in row.iter_mut().zip(&av[k * inp..(k + 1) * inp]) {
+                *o += bik * akj;
+            }
+        }
+        for (o, &wij) in row.iter_mut().zip(&wv[i * inp..(i + 1) * inp]) {
+            *o = wij + s * *o;
+        }
+    });
+    merged
+}
+
+pub const CHECK: GpuCheck = GpuCheck {
+    op: OP,
+    run: gpu_check,
+};
+
+/// Random LoRA layer inputs on the CPU and their GPU copies, scaled so y and the gradients
+/// are O(1).
+struct Case {
+    n: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
+    dt: DType,
+    ab: DType,
+    bias: bool,
+    x_lora: bool,
+    what: &'static str,
+}
+
+fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>> {
+    let (n, inp, out, r, dt) = (c.n, c.inp, c.out, c.r, c.dt);
+    let (x, gx) = random_pair_par(gpu, rng, &[n, inp], dt, 1.0)?;
+    let (w, gw) = random_pair_par(gpu, rng, &[out, inp], dt, 1.0 / (inp as f32).sqrt())?;
+    let (a, ga) = random_pair(gpu, rng, &[r, inp], c.ab, 1.0 / (inp as f32).sqrt())?;
+    let (b, gb) = random_pair(gpu, rng, &[out, r], c.ab, 1.0 / (r as f32).sqrt())?;
+    let (dy, gdy) = random_pair_par(gpu, rng, &[n, out], dt, 1.0)?;
+    let (bias, gbias) = random_pair(gpu, rng, &[out], dt, 1.0)?;
+    let (xl, gxl) = random_pair_par(gpu, rng, &[n, inp], dt, 1.0)?;
+    let (mut da, mut gda) = random_pair(gpu, rng, &[r, inp], DType::F32, 1.0)?;
+    let (mut db, mut gdb) = random_pair(gpu, rng, &[out, r], DType::F32, 1.0)?;
+    let scaling = 2.0;
+    let layer = LoraLinear {
+        w: &w,
+        bias: c.bias.then_some(&bias),
+        a: &a,
+        b: &b,
+        scaling,
+    };
+    let glayer = LoraLinear {
+        w: &gw,
+        bias: c.bias.then_some(&gbias),
+        a: &ga,
+        b: &gb,
+        scaling,
+    };
+    let case = format!(
+        "{dt} n={n} {inp}->{out} r={r} ab={}{}{} ({})",
+        c.ab,
+        if c.bias { " bias" } else { "" },
+        if c.x_lora { " x_lora" } else { "" },
+        c.what
+    );
+    let f = lora_linear_forward(&layer, &x, c.x_lora.then_some(&xl))?;
+    let gf = lora_linear_forward(&glayer, &gx, c.x_lora.then_some(&gxl))?;
+    let mut lines = vec![
+        compare(OP, &case, "y", &gf.y, &f.y)?,
+        compare(OP, &case, "xa", &gf.xa, &f.xa)?,
+    ];
+    // Both backwards see the reference's xa, so that dB compares at the f32 tolerance: a
+    // 1-ulp difference in the forward's bf16 rounding of xa is the forward's, not dB's.
+    let ref_xa = f.xa.to_device(&Device::Cuda(gpu.clone()))?;
+    let (x_d, gx_d) = if c.x_lora { (&xl, &gxl) } else { (&x, &gx) };
+    let dx = lora_linear_backward(&layer, &dy, x_d, &f.xa, &mut da, &mut db, true)?;
+    let gdx = lora_linear_backward(&glayer, &gdy, gx_d, &ref_xa, &mut gda, &mut gdb, true)?;
+    lines.push(compare(
+        OP,
+        &case,
+        "dx",
+        gdx.as_ref().unwrap(),
+        dx.as_ref().unwrap(),
+    )?);
+    lines.push(compare(OP, &case, "dB", &gdb, &db)?);
+    let mut l = compare(OP, &case, "dA", &gda, &da)?;
+    if dt == DType::BF16 {
+        // dA = dxa^T x_d where dxa = s dy B is stored in bf16. cuBLAS and the CPU sum
+        // dy B in different orders, so a few dxa elements round to neighbouring bf16 values
+        // (a 2^-8 step); each such flip moves dA by ~1e-4 relative at these sizes. Both are
+        // correct roundings; a wrong index would be off by O(1).
+        l.tol = 1e-3;
+        l.pass = l.rel_err < l.tol;
+    }
+    lines.push(l);
+    Ok(lines)
+}
+
+/// Merge and unmerge, GPU against the CPU reference, and safe mode's refusal.
+pub const MERGE_CHECK: GpuCheck = GpuCheck {
+    op: "lora_merge",
+    run: merge_check,
+};
+
+fn merge_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    let mut lines = Vec::new();
+    for (out, inp, r, wdt, adt, bdt, what) in [
+        (77, 1000, 7, DType::F32, DType::BF16, DType::F32, "odd"),
+        (
+            131,
+            333,
+            40,
+            DType::BF16,
+            DType::F32,
+            DType::BF16,
+            "rank > tile",
+        ),
+        (
+            14336,
+            4096,
+            16,
+            DType::BF16,
+            DType::F32,
+            DType::F32,
+            "Llama-3-8B gate",
+        ),
+    ] {
+        let case = format!("merge w={wdt} {out}x{inp} r={r} a={adt} b={bdt} ({what})");
+        let (mut w, mut gw) = random_pair_par(gpu, rng, &[out, inp], wdt, 0.05)?;
+        let (a, ga) = random_pair(gpu, rng, &[r, inp], adt, 0.1)?;
+        let (b, gb) = random_pair(gpu, rng, &[out, r], bdt, 0.1)?;
+        lora_merge(&mut w, &a, &b, 2.0, true)?;
+        lora_merge(&mut gw, &ga, &gb, 2.0, true)?;
+        lines.push(compare("lora_merge", &case, "w", &gw, &w)?);
+        lora_unmerge(&mut w, &a, &b, 2.0, false)?;
+        lora_unmerge(&mut gw, &ga, &gb, 2.0, false)?;
+        lines.push(compare("lora_merge", &case, "w(unmerged)", &gw, &w)?);
+    }
+    // Safe mode refuses a product that overflows and leaves W as it was.
+    let (w0, mut gw) = random_pair(gpu, rng, &[45, 70], DType::BF16, 1.0)?;
+    let mut av = rng.normal_vec(3 * 70, 1.0);
+    av[100] = 3.0e38;
+    let ga = Tensor::from_f32(&[3, 70], av)?.to_device(&Device::Cuda(gpu.clone()))?;
+    let (_, gb) = random_pair(gpu, rng, &[45, 3], DType::F32, 10.0)?;
+    let refused = lora_merge(&mut gw, &ga, &gb, 2.0, true).is_err();
+    let mut l = compare(
+        "lora_merge",
+        "safe merge of an overflowing product",
+        "w",
+        &gw,
+        &w0,
+    )?;
+    l.pass &= refused;
+    if !refused {
+        l.rel_err = f64::INFINITY;
+    }
+    lines.push(l);
+    Ok(lines)
+}
+
+fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    let (bf, f32_) = (DType::BF16, DType::F32);
+    #[rustfmt::skip]
+    let cases = [
+        Case { n: 37, inp: 100, out: 77, r: 5, dt: f32_, ab: f32_, bias: true, x_lora: true, what: "odd, f32" },
+        Case { n: 129, inp: 260, out: 190, r: 16, dt: bf, ab: f32_, bias: true, x_lora: false, what: "odd, bias" },
+        Case { n: 61, inp: 333, out: 555, r: 7, dt: bf, ab: bf, bias: false, x_lora: true, what: "odd, dropout input" },
+        Case { n: 300, inp: 4096, out: 14336, r: 16, dt: bf, ab: f32_, bias: false, x_lora: false, what: "Llama-3-8B gate/up" },
+        Case { n: 300, inp: 4096, out: 1024, r: 64, dt: bf, ab: f32_, bias: true, x_lora: false, what: "Llama-3-8B k/v" },
+        Case { n: 300, inp: 14336, out: 4096, r: 16, dt: bf, ab: f32_, bias: false, x_lora: false, what: "Llama-3-8B down" },
+        Case { n: 300, inp: 4096, out: 4096, r: 64, dt: bf, ab: f32_, bias: false, x_lora: false, what: "Llama-3-8B q/o" },
+    ];
+    let mut lines = Vec::new();
+    for c in &cases {
+        lines.extend(check_case(gpu, rng, c)?);
+    }
+    Ok(lines)
+}
+
+pub const BENCH: KernelBench = KernelBench { op: OP, run: bench };
+
+/// 8192 tokens, bf16, 4096 -> 4096 and 4096 -> 14336, r = 16, fp32 A/B: forward + backward
+/// (dx, dA, dB), our ordering against the eager composition autograd would run (separate
+/// products, a scale, an add, fresh gradients added to the accumulated ones).
+fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    let n = 8192;
+    let r = 16;
+    let mut rows = Vec::new();
+    for (inp, out) in [(4096, 4096), (4096, 14336)] {
+        let mut rng = Rng::new(17);
+        let mut input = |shape: &[usize], dt: DType, std: f32| -> Result<Tensor> {
+            random_pair_par(gpu, &mut rng, shape, dt, std).map(|(_, d)| d)
+        };
+        let x = input(&[n, inp], DType::BF16, 1.0)?;
+        let w = input(&[out, inp], DType::BF16, 0.02)?;
+        let a = input(&[r, inp], DType::F32, 0.02)?;
+        let b = input(&[out, r], DType::F32, 0.02)?;
+        let dy = input(&[n, out], DType::BF16, 1.0)?;
+        let mut da = input(&[r, inp], DType::F32, 1.0)?;
+        let mut db = input(&[out, r], DType::F32, 1.0)?;
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 2.0,
+        };
+        let (nf, i, o, rf) = (n as f64, inp as f64, out as f64, r as f64);
+        // Forward x W^T and backward dy W (no dW), plus the six rank-r products.
+        let flops = 4.0 * nf * i * o + 6.0 * nf * rf * (i + o);
+        let shape = format!("{n}x{inp}->{out} r={r} bf16");
+        // One row name per shape: the comparison table keys rows by (op, variant).
+        let op = if out == inp {
+            OP.to_string()
+        } else {
+            format!("{OP}_{inp}x{out}")
+        };
+        rows.push(measure(gpu, cfg, &op, "fused", &shape, 0.0, flops, || {
+            let f = lora_linear_forward(&layer, &x, None)?;
+            lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true)?;
+            Ok(())
+        })?);
+        let base_flops = 4.0 * nf * i * o;
+        rows.push(measure(
+            gpu,
+            cfg,
+            &op,
+            "base-only",
+            &shape,
+            0.0,
+            base_flops,
+            || {
+                let _y = matmul(&x, false, &w, true, DType::BF16)?;
+                let _dx = matmul(&dy, false, &w, false, DType::BF16)?;
+                Ok(())
+            },
+        )?);
+        rows.push(measure(
+            gpu,
+            cfg,
+            &op,
+            "unfused",
+            &shape,
+            0.0,
+            flops,
+            || {
+                let (ab, bb) = (cast(&a, DType::BF16)?, cast(&b, DType::BF16)?);
+                let y0 = matmul(&x, false, &w, true, DType::BF16)?;
+                let t = matmul(&x, false, &ab, true, DType::BF16)?;
+                let u = matmul(&t, false, &bb, true, DType::BF16)?;
+                let us = eager::unary(&u, UnaryOp::Scale, 2.0, DType::BF16)?;
+                let _y = eager::binary(&y0, &us, Broadcast::None, BinaryOp::Add, DType::BF16)?;
+                drop((y0, u, us));
+                let du = eager::unary(&dy, UnaryOp::Scale, 2.0, DType::BF16)?;
+                let db_new = matmul(&du, true, &t, false, DType::F32)?;
+                let _db = eager::binary(&db, &db_new, Broadcast::None, BinaryOp::Add, DType::F32)?;
+                let dt = matmul(&du, false, &bb, false, DType::BF16)?;
+                let da_new = matmul(&dt, true, &x, false, DType::F32)?;
+                let _da = eager::binary(&da, &da_new, Broadcast::None, BinaryOp::Add, DType::F32)?;
+                let dx0 = matmul(&dy, false, &w, false, DType::BF16)?;
+                let dx1 = matmul(&dt, false, &ab, false, DType::BF16)?;
+                let _dx = eager::binary(&dx0, &dx1, Broadcast::None, BinaryOp::Add, DType::BF16)?;
+                Ok(())
+            },
+        )?);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| x as f64).collect()
+    }
+
+    /// Naive f64 `y = x W^T + bias + s (x_d A^T) B^T`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        x: &[f64],
+        xd: &[f64],
+        w: &[f64],
+        bias: Option<&[f64]>,
+        a: &[f64],
+        b: &[f64],
+        s: f64,
+        n: usize,
+        inp: usize,
+        out: usize,
+        r: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; n * out];
+        for t in 0..n {
+            let xa: Vec<f64> = (0..r)
+                .map(|k| (0..inp).map(|i| xd[t * inp + i] * a[k * inp + i]).sum())
+                .collect();
+            for o in 0..out {
+                let base: f64 = (0..inp).map(|i| x[t * inp + i] * w[o * inp + i]).sum();
+                let lora: f64 = (0..r).map(|k| xa[k] * b[o * r + k]).sum();
+                y[t * out + o] = base + bias.map_or(0.0, |bv| bv[o]) + s * lora;
+            }
+        }
+        y
+    }
+
+    struct Inputs {
+        x: Vec<f32>,
+        xl: Vec<f32>,
+        w: Vec<f32>,
+        bias: Vec<f32>,
+        a: Vec<f32>,
+        b: Vec<f32>,
+    }
+
+    fn inputs(rng: &mut Rng, n: usize, inp: usize, out: usize, r: usize) -> Inputs {
+        Inputs {
+            x: rng.normal_vec(n * inp, 1.0),
+            xl: rng.normal_vec(n * inp, 1.0),
+            w: rng.normal_vec(out * inp, 0.3),
+            bias: rng.normal_vec(out, 1.0),
+            a: rng.normal_vec(r * inp, 0.3),
+            b: rng.normal_vec(out * r, 0.5),
+        }
+    }
+
+    #[test]
+    fn forward_matches_f64_with_bias_dropout_input_and_leading_dims() {
+        let mut rng = Rng::new(21);
+        let (bsz, seq, inp, out, r) = (2, 3, 13, 11, 3);
+        let n = bsz * seq;
+        let v = inputs(&mut rng, n, inp, out, r);
+        let t = |shape: &[usize], d: &[f32]| Tensor::from_f32(shape, d.to_vec()).unwrap();
+        let (x, xl) = (t(&[bsz, seq, inp], &v.x), t(&[bsz, seq, inp], &v.xl));
+        let (w, bias, a, b) = (
+            t(&[out, inp], &v.w),
+            t(&[out], &v.bias),
+            t(&[r, inp], &v.a),
+            t(&[out, r], &v.b),
+        );
+        for (use_bias, use_xl) in [(false, false), (true, false), (true, true)] {
+            let layer = LoraLinear {
+                w: &w,
+                bias: use_bias.then_some(&bias),
+                a: &a,
+                b: &b,
+                scaling: 1.5,
+            };
+            let f = lora_linear_forward(&layer, &x, use_xl.then_some(&xl)).unwrap();
+            assert_eq!(f.y.shape(), &[bsz, seq, out]);
+            assert_eq!(f.xa.shape(), &[bsz, seq, r]);
+            let xd = if use_xl { &v.xl } else { &v.x };
+            let want = naive(
+                &f64s(&v.x),
+                &f64s(xd),
+                &f64s(&v.w),
+                use_bias.then(|| f64s(&v.bias)).as_deref(),
+                &f64s(&v.a),
+                &f64s(&v.b),
+                1.5,
+                n,
+                inp,
+                out,
+                r,
+            );
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            let err = crate::check::rel_err(&f.y.to_f32_vec().unwrap(), &want);
+            assert!(err < 1e-6, "bias={use_bias} x_lora={use_xl}: {err}");
+        }
+    }
+
+    /// dx, dA, dB against central differences of the f64 forward for L = sum(y * g), with
+    /// dA and dB accumulated onto nonzero buffers.
+    #[test]
+    fn backward_matches_finite_differences_and_accumulates() {
+        let mut rng = Rng::new(22);
+        let (n, inp, out, r) = (5, 9, 7, 3);
+        let s = 0.75;
+        let v = inputs(&mut rng, n, inp, out, r);
+        let g = rng.normal_vec(n * out, 1.0);
+        let da0 = rng.normal_vec(r * inp, 1.0);
+        let db0 = rng.normal_vec(out * r, 1.0);
+        for use_xl in [false, true] {
+            let xd = if use_xl { &v.xl } else { &v.x };
+            let loss = |x: &[f64], xd: &[f64], a: &[f64], b: &[f64]| -> f64 {
+                naive(x, xd, &f64s(&v.w), None, a, b, s, n, inp, out, r)
+                    .iter()
+                    .zip(&g)
+                    .map(|(y, &gv)| y * gv as f64)
+                    .sum()
+            };
+            let t = |shape: &[usize], d: &[f32]| Tensor::from_f32(shape, d.to_vec()).unwrap();
+            let (x, xdt) = (t(&[n, inp], &v.x), t(&[n, inp], xd));
+            let (w, a, b) = (t(&[out, inp], &v.w), t(&[r, inp], &v.a), t(&[out, r], &v.b));
+            let dy = t(&[n, out], &g);
+            let (mut da, mut db) = (t(&[r, inp], &da0), t(&[out, r], &db0));
+            let layer = LoraLinear {
+                w: &w,
+                bias: None,
+                a: &a,
+                b: &b,
+                scaling: s as f32,
+            };
+            let f = lora_linear_forward(&layer, &x, use_xl.then_some(&xdt)).unwrap();
+            let dx = lora_linear_backward(&layer, &dy, &xdt, &f.xa, &mut da, &mut db, true)
+                .unwrap()
+                .unwrap();
+            let h = 1e-6;
+            let fd = |len: usize, which: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|i| {
+                        let eval = |delta: f64| {
+                            let mut args = [f64s(&v.x), f64s(xd), f64s(&v.a), f64s(&v.b)];
+                            if which == 0 && !use_xl {
+                                args[1][i] += delta; // x feeds both paths without dropout
+                            }
+                            args[which][i] += delta;
+                            loss(&args[0], &args[1], &args[2], &args[3])
+                        };
+                        ((eval(h) - eval(-h)) / (2.0 * h)) as f32
+                    })
+                    .collect()
+            };
+            let minus = |got: Vec<f32>, init: &[f32]| -> Vec<f32> {
+                got.iter().zip(init).map(|(g, i)| g - i).collect()
+            };
+            let e_da =
+                crate::check::rel_err(&minus(da.to_f32_vec().unwrap(), &da0), &fd(v.a.len(), 2));
+            let e_db =
+                crate::check::rel_err(&minus(db.to_f32_vec().unwrap(), &db0), &fd(v.b.len(), 3));
+            assert!(
+                e_da < 1e-5 && e_db < 1e-5,
+                "x_lora={use_xl}: dA {e_da}, dB {e_db}"
+            );
+            if !use_xl {
+                let e_dx = crate::check::rel_err(&dx.to_f32_vec().unwrap(), &fd(v.x.len(), 0));
+                assert!(e_dx < 1e-5, "dx {e_dx}");
+            }
+            let none = lora_linear_backward(&layer, &dy, &xdt, &f.xa, &mut da, &mut db, false);
+            assert!(none.unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn bf16_layer_with_f32_adapter_stays_close_to_f64() {
+        let mut rng = Rng::new(23);
+        let (n, inp, out, r) = (17, 40, 24, 4);
+        let v = inputs(&mut rng, n, inp, out, r);
+        let x = Tensor::from_f32_as(&[n, inp], v.x.clone(), DType::BF16).unwrap();
+        let w = Tensor::from_f32_as(&[out, inp], v.w.clone(), DType::BF16).unwrap();
+        let a = Tensor::from_f32(&[r, inp], v.a.clone()).unwrap();
+        let b = Tensor::from_f32(&[out, r], v.b.clone()).unwrap();
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 2.0,
+        };
+        let f = lora_linear_forward(&layer, &x, None).unwrap();
+        assert_eq!((f.y.dtype(), f.xa.dtype()), (DType::BF16, DType::BF16));
+        let (xv, wv) = (x.to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
+        let want = naive(
+            &f64s(&xv),
+            &f64s(&xv),
+            &f64s(&wv),
+            None,
+            &f64s(&v.a),
+            &f64s(&v.b),
+            2.0,
+            n,
+            inp,
+            out,
+            r,
+        );
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        let err = crate::check::rel_err(&f.y.to_f32_vec().unwrap(), &want);
+        assert!(err < 1e-2, "{err}");
+        let dy = Tensor::from_f32_as(&[n, out], rng.normal_vec(n * out, 1.0), DType::BF16).unwrap();
+        let mut da = Tensor::zeros(&[r, inp], DType::F32, &Device::Cpu).unwrap();
+        let mut db = Tensor::zeros(&[out, r], DType::F32, &Device::Cpu).unwrap();
+        let dx = lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(dx.dtype(), DType::BF16);
+        // dB = s dy^T xa exactly as f32 sums of the bf16 operands.
+        let (dyv, xav) = (dy.to_f32_vec().unwrap(), f.xa.to_f32_vec().unwrap());
+        let want_db: Vec<f32> = (0..out * r)
+            .map(|e| {
+                let (o, k) = (e / r, e % r);
+                (2.0 * (0..n)
+                    .map(|t| dyv[t * out + o] as f64 * xav[t * r + k] as f64)
+                    .sum::<f64>()) as f32
+            })
+            .collect();
+        assert!(crate::check::rel_err(&db.to_f32_vec().unwrap(), &want_db) < 1e-6);
+    }
+
+    #[test]
+    fn merge_adds_the_product_and_unmerge_removes_it() {
+        let mut rng = Rng::new(24);
+        let (out, inp, r) = (13, 37, 5);
+        let wv = rng.normal_vec(out * inp, 1.0);
+        let av = rng.normal_vec(r * inp, 0.5);
+        let bv = rng.normal_vec(out * r, 0.5);
+        let a = Tensor::from_f32(&[r, inp], av.clone()).unwrap();
+        let b = Tensor::from_f32_as(&[out, r], bv.clone(), DType::BF16).unwrap();
+        let bq = b.to_f32_vec().unwrap();
+        let product: Vec<f64> = (0..out * inp)
+            .map(|e| {
+                let (i, j) = (e / inp, e % inp);
+                (0..r)
+                    .map(|k| bq[i * r + k] as f64 * av[k * inp + j] as f64)
+                    .sum()
+            })
+            .collect();
+        let exact: Vec<f64> = product
+            .iter()
+            .zip(&wv)
+            .map(|(p, &w)| w as f64 + 0.5 * p)
+            .collect();
+        // f32 W: the merged values are the f64 ones to f32 precision, and unmerge undoes it.
+        let mut w = Tensor::from_f32(&[out, inp], wv.clone()).unwrap();
+        lora_merge(&mut w, &a, &b, 0.5, true).unwrap();
+        let ex32: Vec<f32> = exact.iter().map(|&v| v as f32).collect();
+        assert!(crate::check::rel_err(&w.to_f32_vec().unwrap(), &ex32) < 1e-6);
+        lora_unmerge(&mut w, &a, &b, 0.5, true).unwrap();
+        assert!(crate::check::rel_err(&w.to_f32_vec().unwrap(), &wv) < 1e-6);
+        // bf16 W: rounded once, so every element is within half a bf16 ulp of the exact sum
+        // (plus f32 noise); rounding the product first and then the sum would not be.
+        let mut w = Tensor::from_f32_as(&[out, inp], wv.clone(), DType::BF16).unwrap();
+        let w0 = w.to_f32_vec().unwrap();
+        lora_merge(&mut w, &a, &b, 0.5, false).unwrap();
+        for ((&got, &base), &p) in w.to_f32_vec().unwrap().iter().zip(&w0).zip(&product) {
+            let want = base as f64 + 0.5 * p;
+            let ulp = (want.abs().log2().floor() - 7.0).exp2();
+            assert!(
+                (got as f64 - want).abs() <= 0.5 * ulp * 1.001 + 1e-6,
+                "{got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn safe_merge_refuses_non_finite_results_and_leaves_w() {
+        let (out, inp, r) = (3, 4, 2);
+        let w0 = vec![1.0f32; out * inp];
+        let mut av = vec![0.5f32; r * inp];
+        av[5] = f32::NAN;
+        let a = Tensor::from_f32(&[r, inp], av).unwrap();
+        let b = Tensor::from_f32(&[out, r], vec![1.0; out * r]).unwrap();
+        let mut w = Tensor::from_f32_as(&[out, inp], w0.clone(), DType::BF16).unwrap();
+        let e = lora_merge(&mut w, &a, &b, 1.0, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora_merge") && e.contains("non-finite"), "{e}");
+        assert_eq!(w.to_f32_vec().unwrap(), w0);
+        // Overflow counts too: finite inputs whose merged value does not fit.
+        let big = Tensor::from_f32(&[r, inp], vec![3.0e38; r * inp]).unwrap();
+        assert!(lora_merge(&mut w, &big, &b, 1.0, true).is_err());
+        assert_eq!(w.to_f32_vec().unwrap(), w0);
+        lora_merge(&mut w, &a, &b, 1.0, false).unwrap();
+        assert!(w.to_f32_vec().unwrap().iter().any(|v| v.is_nan()));
+    }
+
+    #[test]
+    fn bad_inputs_name_the_op_and_shapes() {
+        let t =
+            |shape: &[usize]| Tensor::from_f32(shape, vec![0.5; shape.iter().product()]).unwrap();
+        let (x, w, a, b) = (t(&[4, 6]), t(&[5, 6]), t(&[2, 6]), t(&[5, 2]));
+        let bad_a = t(&[2, 7]);
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &bad_a,
+            b: &b,
+            scaling: 1.0,
+        };
+        let e = lora_linear_forward(&layer, &x, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("lora_linear") && e.contains("[2, 7]") && e.contains("[2, 6]"),
+            "{e}"
+        );
+        let bf_w = Tensor::from_f32_as(&[5, 6], vec![0.5; 30], DType::BF16).unwrap();
+        let layer = LoraLinear {
+            w: &bf_w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 1.0,
+        };
+        let e = lora_linear_forward(&layer, &x, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("lora_linear") && e.contains("bf16"), "{e}");
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 1.0,
+        };
+        let f = lora_linear_forward(&layer, &x, None).unwrap();
+        let dy = t(&[4, 5]);
+        let mut da_bf = Tensor::from_f32_as(&[2, 6], vec![0.0; 12], DType::BF16).unwrap();
+        let mut db = t(&[5, 2]);
+        let e = lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da_bf, &mut db, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("da") && e.contains("f32"), "{e}");
+        let mut da = t(&[2, 6]);
+        let e = lora_linear_backward(&layer, &t(&[4, 3]), &x, &f.xa, &mut da, &mut db, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("dy") && e.contains("[4, 3]"), "{e}");
+        let mut wm = t(&[5, 6]);
+        let e = lora_merge(&mut wm, &bad_a, &b, 1.0, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora_merge") && e.contains("[2, 7]"), "{e}");
+    }
+}
