@@ -202,3 +202,509 @@ extern "C" __global__ void attn_bwd_dkdv_simple_##S(const T* dout, const T* q, c
 
 INSTANTIATE_SIMPLE(bf16, bf16)
 INSTANTIATE_SIMPLE(float, f32)
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core kernels (bf16, head dim D = 64 or 128), FlashAttention-2 structure.
+//
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, per thread of the warp, with
+// g = lane / 4 and c = lane % 4 (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+//   A (16 x 16, row-major): a0 = (row g,   cols 2c, 2c+1)   a1 = (row g+8, cols 2c, 2c+1)
+//                           a2 = (row g,   cols 2c+8, +9)   a3 = (row g+8, cols 2c+8, +9)
+//   B (16 x 8, "col"):      b0 = (rows k 2c, 2c+1; col n g) b1 = (rows k 2c+8, +9; col n g)
+//   C (16 x 8, f32):        c0, c1 = (row g, cols 2c, 2c+1)  c2, c3 = (row g+8, cols 2c, 2c+1)
+// Each 32-bit register holds two bf16, the lower column (or k) index in the low half.
+//
+// ldmatrix.m8n8.x4: lanes 8i..8i+7 give the row addresses of 8x8 matrix i; register ri gets,
+// for lane l, matrix i's (row l/4, cols 2(l%4), +1), or with .trans its (rows 2(l%4), +1; col
+// l/4). Hence, for a tile stored row-major in shared memory:
+//   - an A fragment of rows r0.., k-cols k0..: matrices (r0, k0) (r0+8, k0) (r0, k0+8)
+//     (r0+8, k0+8), non-transposed;
+//   - B fragments for two n-tiles from a tile stored [n][k] (K for S = Q K^T): matrices
+//     (n0, k0) (n0, k0+8) (n0+8, k0) (n0+8, k0+8), non-transposed -> b0 b1 of n-tile n0, b0 b1
+//     of n-tile n0+8;
+//   - B fragments for two n-tiles from a tile stored [k][n] (V for O = P V): matrices
+//     (k0, n0) (k0+8, n0) (k0, n0+8) (k0+8, n0+8), transposed -> same order as above;
+//   - an A fragment from a tile stored [k][m] (dS^T for dQ = dS K): matrices (k0, m0)
+//     (k0, m0+8) (k0+8, m0) (k0+8, m0+8), transposed.
+// The C fragments of two adjacent n-tiles are exactly the A fragment of one 16-wide k-step
+// (P = softmax(S) feeds P V from registers, FlashAttention-2 style).
+//
+// Shared tiles are rows of D bf16, in 16-byte chunks; chunk j of row r is stored at chunk
+// j ^ (r % 8), so the 8 rows an ldmatrix reads (same logical chunk) hit 8 different bank
+// groups, and the 16-byte cp.async writes stay whole.
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Element offset of (row, 8-element chunk) in a swizzled tile with ROW_ELEMS bf16 per row.
+template <int ROW_ELEMS>
+__device__ __forceinline__ int swz(int row, int chunk) {
+    return row * ROW_ELEMS + ((chunk ^ (row & 7)) << 3);
+}
+
+// 16 bytes global -> shared; with valid = false the destination is zero-filled and nothing
+// is read.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2,
+                                        unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned& r1, unsigned& r2,
+                                          unsigned& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// c += A B for one m16n8k16 tile.
+__device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, unsigned a2,
+                                         unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Lane addresses for the four ldmatrix patterns above, as (row, chunk) in a tile. `r0` and
+// `k0c` are the fragment's first row and first chunk (k0 / 8).
+// A fragment, non-transposed: matrix i = lane / 8 at (r0 + 8 (i & 1), chunk k0c + i / 2).
+__device__ __forceinline__ int a_row(int lane, int r0) { return r0 + (lane & 7) + ((lane >> 3) & 1) * 8; }
+__device__ __forceinline__ int a_chunk(int lane, int k0c) { return k0c + (lane >> 4); }
+// B from [n][k], non-transposed: matrix i at (n0 + 8 (i / 2), chunk k0c + (i & 1)).
+__device__ __forceinline__ int bnk_row(int lane, int n0) { return n0 + (lane & 7) + (lane >> 4) * 8; }
+__device__ __forceinline__ int bnk_chunk(int lane, int k0c) { return k0c + ((lane >> 3) & 1); }
+// B from [k][n], transposed: matrix i at (k0 + 8 (i & 1), chunk n0c + i / 2): same as A.
+// A from [k][m], transposed: matrix i at (k0 + 8 (i / 2), chunk m0c + (i & 1)): same as B [n][k].
+
+// Copy ROWS rows (doc-relative first row `row0`) of one head of a [tokens, heads, D] tensor
+// into a swizzled tile. `base` points at the document's first token, this head; rows at or
+// past `limit` are zero-filled.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* base, size_t row_stride, int row0,
+                                          int limit) {
+    constexpr int CHUNKS = D / 8;
+    #pragma unroll
+    for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
+        const int r = i / CHUNKS, c = i % CHUNKS;
+        const bool valid = row0 + r < limit;
+        const bf16* src = valid ? base + (size_t)(row0 + r) * row_stride + c * 8 : base;
+        cp_async16(smem_u32(tile + swz<D>(r, c)), src, valid);
+    }
+}
+
+// Forward. One CTA per (query tile of BM = 16 * WARPS rows, query head, document); each warp
+// owns 16 query rows. Key/value blocks of BN = 64 rows stream through a double-buffered pair
+// of shared tiles (cp.async); scores and the output accumulator stay in registers; the
+// causal mask is applied only on blocks that reach past the tile's first row.
+// Shared memory: (BM + 4 BN) * D bf16.
+template <int D, int WARPS>
+__device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                            const bf16* __restrict__ v, const int* __restrict__ cu,
+                                            bf16* __restrict__ o, float* __restrict__ lse,
+                                            int tokens, int hq, int hkv, float scale_log2) {
+    constexpr int BM = 16 * WARPS, BN = 64, THREADS = 32 * WARPS;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sK = sQ + BM * D;  // [2][BN][D]
+    bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
+
+    const int m = gridDim.x - 1 - blockIdx.x;  // the longest rows (most keys) start first
+    const int h = blockIdx.y, doc = blockIdx.z;
+    const int start = cu[doc], len = cu[doc + 1] - start;
+    if (m * BM >= len) return;
+    const int kvh = h / (hq / hkv);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+    const size_t q_stride = (size_t)hq * D, kv_stride = (size_t)hkv * D;
+    const bf16* qb = q + (size_t)start * q_stride + (size_t)h * D;
+    const bf16* kb = k + (size_t)start * kv_stride + (size_t)kvh * D;
+    const bf16* vb = v + (size_t)start * kv_stride + (size_t)kvh * D;
+    const int q_end = min((m + 1) * BM, len);
+    const int n_blocks = (q_end + BN - 1) / BN;  // every key some row of the tile sees
+
+    load_tile<BM, D, THREADS>(sQ, qb, q_stride, m * BM, len);
+    load_tile<BN, D, THREADS>(sK, kb, kv_stride, 0, len);
+    load_tile<BN, D, THREADS>(sV, vb, kv_stride, 0, len);
+    cp_async_commit();
+
+    float acc[D / 8][4];
+    #pragma unroll
+    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    // Running max (log2 units, scale folded in) and partial sum of rows g and g + 8; the sum
+    // is this thread's share until the quad reduces it at the end.
+    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};
+    const int row_base = m * BM + warp * 16 + g;  // doc-relative row of c0/c1; c2/c3 are +8
+
+    for (int n = 0; n < n_blocks; n++) {
+        const int buf = n & 1;
+        if (n + 1 < n_blocks) {
+            load_tile<BN, D, THREADS>(sK + (buf ^ 1) * BN * D, kb, kv_stride, (n + 1) * BN, len);
+            load_tile<BN, D, THREADS>(sV + (buf ^ 1) * BN * D, vb, kv_stride, (n + 1) * BN, len);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* Kt = sK + buf * BN * D;
+        const bf16* Vt = sV + buf * BN * D;
+
+        // S = Q K^T for this warp's 16 rows x BN keys.
+        float s[BN / 8][4];
+        #pragma unroll
+        for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned a0, a1, a2, a3;
+            const int ar = a_row(lane, warp * 16);
+            ldsm_x4(smem_u32(sQ + swz<D>(ar, a_chunk(lane, kk * 2))), a0, a1, a2, a3);
+            #pragma unroll
+            for (int nt = 0; nt < BN / 16; nt++) {
+                unsigned b0, b1, b2, b3;
+                const int br = bnk_row(lane, nt * 16);
+                ldsm_x4(smem_u32(Kt + swz<D>(br, bnk_chunk(lane, kk * 2))), b0, b1, b2, b3);
+                mma16816(s[2 * nt], a0, a1, a2, a3, b0, b1);
+                mma16816(s[2 * nt + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+
+        // Scale into log2 units; mask keys past the row on blocks that cross the diagonal.
+        const bool diag = (n + 1) * BN - 1 > m * BM;
+        #pragma unroll
+        for (int nt = 0; nt < BN / 8; nt++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = row_base + (e >> 1) * 8, col = n * BN + nt * 8 + tc * 2 + (e & 1);
+                s[nt][e] = (diag && col > row) ? NEG_INF : s[nt][e] * scale_log2;
+            }
+        }
+        // Online softmax, one row half (g, then g + 8) at a time; the 4 lanes of a quad share
+        // a row.
+        #pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float mx = row_max[hf];
+            #pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row with no visible key yet keeps max -inf; subtract 0 then so exp2 gives 0.
+            const float mu = mx == NEG_INF ? 0.0f : mx;
+            const float corr = exp2f(row_max[hf] - mu);
+            row_max[hf] = mx;
+            float sum = 0.0f;
+            #pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+                s[nt][2 * hf] = exp2f(s[nt][2 * hf] - mu);
+                s[nt][2 * hf + 1] = exp2f(s[nt][2 * hf + 1] - mu);
+                sum += s[nt][2 * hf] + s[nt][2 * hf + 1];
+            }
+            row_sum[hf] = row_sum[hf] * corr + sum;
+            #pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                acc[i][2 * hf] *= corr;
+                acc[i][2 * hf + 1] *= corr;
+            }
+        }
+
+        // O += P V, P (bf16) straight from the score registers.
+        #pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            const unsigned a0 = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            const unsigned a1 = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            const unsigned a2 = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            const unsigned a3 = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            #pragma unroll
+            for (int dt = 0; dt < D / 16; dt++) {
+                unsigned b0, b1, b2, b3;
+                const int br = a_row(lane, kk * 16);
+                ldsm_x4_t(smem_u32(Vt + swz<D>(br, a_chunk(lane, dt * 2))), b0, b1, b2, b3);
+                mma16816(acc[2 * dt], a0, a1, a2, a3, b0, b1);
+                mma16816(acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        __syncthreads();  // this buffer is refilled by the next iteration's prefetch
+    }
+
+    #pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float l = row_sum[hf];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = row_base + hf * 8;
+        if (row < len) {
+            const float inv = 1.0f / l;
+            unsigned* orow = reinterpret_cast<unsigned*>(o + ((size_t)(start + row) * hq + h) * D);
+            #pragma unroll
+            for (int i = 0; i < D / 8; i++)
+                orow[(i * 8 + tc * 2) >> 1] = pack_bf16x2(acc[i][2 * hf] * inv, acc[i][2 * hf + 1] * inv);
+            if (tc == 0) lse[(size_t)h * tokens + start + row] = (row_max[hf] + log2f(l)) * LN2;
+        }
+    }
+}
+
+// Backward, after attn_bwd_delta. One CTA per (key block of BN = 64 rows, kv head, document),
+// 4 warps, each owning 16 keys: dK and dV for its keys stay in registers while the CTA walks
+// every query head of the kv group and every query block of BM = 64 rows at or after the key
+// block (Q, dO, lse and delta double-buffered through cp.async). Per step, per warp:
+//   S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//   dK += dS^T Q; then dS^T goes to shared memory and the warps switch to query rows for
+//   dQ += dS K, added with fp32 atomics into dq_acc (f32 [tokens, Hq, D], zeroed first).
+// The GQA sum over query heads happens in registers, so dK and dV need no atomics.
+// Shared memory: (2 BN + 4 BM) * D + BN * BM bf16 + 4 BM f32.
+template <int D>
+__device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const bf16* __restrict__ q,
+                                            const bf16* __restrict__ k, const bf16* __restrict__ v,
+                                            const float* __restrict__ lse, const float* __restrict__ delta,
+                                            const int* __restrict__ cu, float* __restrict__ dq_acc,
+                                            bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                            int tokens, int hq, int hkv, float scale) {
+    constexpr int WARPS = 4, THREADS = 32 * WARPS, BN = 16 * WARPS, BM = 64;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][D]
+    bf16* sV = sK + BN * D;                        // [BN][D]
+    bf16* sQ = sV + BN * D;                        // [2][BM][D]
+    bf16* sdO = sQ + 2 * BM * D;                   // [2][BM][D]
+    bf16* sdS = sdO + 2 * BM * D;                  // [BN][BM]: dS^T, keys x queries
+    float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM]
+    float* sDelta = sLse + 2 * BM;                          // [2][BM]
+
+    const int n = blockIdx.x, kvh = blockIdx.y, doc = blockIdx.z;
+    const int start = cu[doc], len = cu[doc + 1] - start;
+    if (n * BN >= len) return;
+    const int group = hq / hkv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tc = lane & 3;
+    const size_t q_stride = (size_t)hq * D, kv_stride = (size_t)hkv * D;
+    const bf16* kb = k + (size_t)start * kv_stride + (size_t)kvh * D;
+    const bf16* vb = v + (size_t)start * kv_stride + (size_t)kvh * D;
+    const float scale_log2 = scale * LOG2E;
+
+    // Steps: (query head h of the group, query block m) for m from the block holding this key
+    // block's first key to the document's last.
+    const int m_first = (n * BN) / BM, m_count = (len + BM - 1) / BM - m_first;
+    const int steps = group * m_count;
+
+    auto load_step = [&](int step, int buf) {
+        const int h = kvh * group + step / m_count, m = m_first + step % m_count;
+        const size_t off = (size_t)start * q_stride + (size_t)h * D;
+        load_tile<BM, D, THREADS>(sQ + buf * BM * D, q + off, q_stride, m * BM, len);
+        load_tile<BM, D, THREADS>(sdO + buf * BM * D, dout + off, q_stride, m * BM, len);
+        for (int i = threadIdx.x; i < BM; i += THREADS) {
+            const bool valid = m * BM + i < len;
+            const size_t at = (size_t)h * tokens + start + m * BM + i;
+            cp_async4(smem_u32(sLse + buf * BM + i), valid ? lse + at : lse, valid);
+            cp_async4(smem_u32(sDelta + buf * BM + i), valid ? delta + at : delta, valid);
+        }
+    };
+
+    load_tile<BN, D, THREADS>(sK, kb, kv_stride, n * BN, len);
+    load_tile<BN, D, THREADS>(sV, vb, kv_stride, n * BN, len);
+    load_step(0, 0);
+    cp_async_commit();
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    #pragma unroll
+    for (int i = 0; i < D / 8; i++) {
+        dk_acc[i][0] = dk_acc[i][1] = dk_acc[i][2] = dk_acc[i][3] = 0.0f;
+        dv_acc[i][0] = dv_acc[i][1] = dv_acc[i][2] = dv_acc[i][3] = 0.0f;
+    }
+    const int key_base = n * BN + warp * 16 + g;  // doc-relative key of c0/c1 rows; c2/c3 are +8
+
+    for (int step = 0; step < steps; step++) {
+        const int buf = step & 1;
+        const int h = kvh * group + step / m_count, m = m_first + step % m_count;
+        if (step + 1 < steps) {
+            load_step(step + 1, buf ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* Qt = sQ + buf * BM * D;
+        const bf16* dOt = sdO + buf * BM * D;
+        const float* lse_t = sLse + buf * BM;
+        const float* delta_t = sDelta + buf * BM;
+
+        // S^T = K Q^T: this warp's 16 keys x BM queries.
+        float st[BM / 8][4];
+        #pragma unroll
+        for (int i = 0; i < BM / 8; i++) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned a0, a1, a2, a3;
+            ldsm_x4(smem_u32(sK + swz<D>(a_row(lane, warp * 16), a_chunk(lane, kk * 2))), a0, a1, a2, a3);
+            #pragma unroll
+            for (int nt = 0; nt < BM / 16; nt++) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4(smem_u32(Qt + swz<D>(bnk_row(lane, nt * 16), bnk_chunk(lane, kk * 2))), b0, b1, b2, b3);
+                mma16816(st[2 * nt], a0, a1, a2, a3, b0, b1);
+                mma16816(st[2 * nt + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        // P^T = exp2(S^T * scale log2e - lse log2e); zero where the query precedes the key or
+        // lies past the document.
+        const bool mask = m * BM < (n + 1) * BN || (m + 1) * BM > len;
+        #pragma unroll
+        for (int nt = 0; nt < BM / 8; nt++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = nt * 8 + tc * 2 + (e & 1);
+                const int key = key_base + (e >> 1) * 8, query = m * BM + qi;
+                const float p = exp2f(st[nt][e] * scale_log2 - lse_t[qi] * LOG2E);
+                st[nt][e] = (mask && (query < key || query >= len)) ? 0.0f : p;
+            }
+        }
+        // dV += P^T dO: k runs over the BM queries.
+        #pragma unroll
+        for (int kk = 0; kk < BM / 16; kk++) {
+            const unsigned a0 = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
+            const unsigned a1 = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
+            const unsigned a2 = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            const unsigned a3 = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+            #pragma unroll
+            for (int dt = 0; dt < D / 16; dt++) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_t(smem_u32(dOt + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dt * 2))), b0, b1, b2, b3);
+                mma16816(dv_acc[2 * dt], a0, a1, a2, a3, b0, b1);
+                mma16816(dv_acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place.
+        float dpt[BM / 8][4];
+        #pragma unroll
+        for (int i = 0; i < BM / 8; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            unsigned a0, a1, a2, a3;
+            ldsm_x4(smem_u32(sV + swz<D>(a_row(lane, warp * 16), a_chunk(lane, kk * 2))), a0, a1, a2, a3);
+            #pragma unroll
+            for (int nt = 0; nt < BM / 16; nt++) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4(smem_u32(dOt + swz<D>(bnk_row(lane, nt * 16), bnk_chunk(lane, kk * 2))), b0, b1, b2, b3);
+                mma16816(dpt[2 * nt], a0, a1, a2, a3, b0, b1);
+                mma16816(dpt[2 * nt + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+        #pragma unroll
+        for (int nt = 0; nt < BM / 8; nt++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_t[nt * 8 + tc * 2 + (e & 1)]);
+        }
+        // dK += dS^T Q; and dS^T (bf16) to shared memory for dQ.
+        #pragma unroll
+        for (int kk = 0; kk < BM / 16; kk++) {
+            const unsigned a0 = pack_bf16x2(dpt[2 * kk][0], dpt[2 * kk][1]);
+            const unsigned a1 = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
+            const unsigned a2 = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+            const unsigned a3 = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+            #pragma unroll
+            for (int dt = 0; dt < D / 16; dt++) {
+                unsigned b0, b1, b2, b3;
+                ldsm_x4_t(smem_u32(Qt + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dt * 2))), b0, b1, b2, b3);
+                mma16816(dk_acc[2 * dt], a0, a1, a2, a3, b0, b1);
+                mma16816(dk_acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+            }
+            // Row (key) warp*16 + g holds queries 16kk + 2c, +1 (a0) and 16kk + 8 + 2c, +1 (a2);
+            // row + 8 likewise (a1, a3). Chunk j of a sdS row is queries 8j..8j+7.
+            const int r = warp * 16 + g;
+            unsigned* base = reinterpret_cast<unsigned*>(sdS);
+            base[(swz<BM>(r, 2 * kk) + tc * 2) >> 1] = a0;
+            base[(swz<BM>(r + 8, 2 * kk) + tc * 2) >> 1] = a1;
+            base[(swz<BM>(r, 2 * kk + 1) + tc * 2) >> 1] = a2;
+            base[(swz<BM>(r + 8, 2 * kk + 1) + tc * 2) >> 1] = a3;
+        }
+        __syncthreads();
+        // dQ (BM x D) += dS (BM x BN) K (BN x D): warp w takes query rows 16w..16w+15, in two
+        // halves of D to bound the registers.
+        {
+            const int qrow = m * BM + warp * 16 + g;  // doc-relative query of c0/c1; c2/c3 +8
+            float* dq_base = dq_acc + (size_t)start * q_stride + (size_t)h * D;
+            #pragma unroll
+            for (int half = 0; half < 2; half++) {
+                float acc[D / 16][4];
+                #pragma unroll
+                for (int i = 0; i < D / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+                #pragma unroll
+                for (int kk = 0; kk < BN / 16; kk++) {
+                    unsigned a0, a1, a2, a3;
+                    // A = dS rows (queries) 16w.., k = keys 16kk..: from sdS [key][query], transposed.
+                    ldsm_x4_t(smem_u32(sdS + swz<BM>(bnk_row(lane, kk * 16), bnk_chunk(lane, warp * 2))), a0, a1, a2, a3);
+                    #pragma unroll
+                    for (int dt = 0; dt < D / 32; dt++) {
+                        unsigned b0, b1, b2, b3;
+                        const int dchunk = half * (D / 16) + dt * 2;
+                        ldsm_x4_t(smem_u32(sK + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dchunk))), b0, b1, b2, b3);
+                        mma16816(acc[2 * dt], a0, a1, a2, a3, b0, b1);
+                        mma16816(acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+                    }
+                }
+                #pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int row = qrow + hf * 8;
+                    if (row < len) {
+                        float* dst = dq_base + (size_t)row * q_stride + half * (D / 2) + tc * 2;
+                        #pragma unroll
+                        for (int i = 0; i < D / 16; i++) {
+                            atomicAdd(dst + i * 8, acc[i][2 * hf] * scale);
+                            atomicAdd(dst + i * 8 + 1, acc[i][2 * hf + 1] * scale);
+                        }
+                    }
+                }
+            }
+        }
+        // The next step's wait + __syncthreads orders these sdS reads before its writes.
+    }
+
+    #pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = key_base + hf * 8;
+        if (key < len) {
+            const size_t off = ((size_t)(start + key) * hkv + kvh) * D;
+            unsigned* dkr = reinterpret_cast<unsigned*>(dk + off);
+            unsigned* dvr = reinterpret_cast<unsigned*>(dv + off);
+            #pragma unroll
+            for (int i = 0; i < D / 8; i++) {
+                dkr[(i * 8 + tc * 2) >> 1] = pack_bf16x2(dk_acc[i][2 * hf] * scale, dk_acc[i][2 * hf + 1] * scale);
+                dvr[(i * 8 + tc * 2) >> 1] = pack_bf16x2(dv_acc[i][2 * hf], dv_acc[i][2 * hf + 1]);
+            }
+        }
+    }
+}
+
+// dq = bf16(dq_acc), 8 elements per thread (n is a multiple of 8: D is).
+extern "C" __global__ void attn_dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq, long n) {
+    for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += (long)gridDim.x * blockDim.x * 8) {
+        float v[8];
+        load8(acc + i, v);
+        store8(dq + i, v);
+    }
+}
+
+#define INSTANTIATE_TC(D)                                                                          \
+extern "C" __global__ void __launch_bounds__(256) attn_fwd_tc_d##D(const bf16* q, const bf16* k,  \
+        const bf16* v, const int* cu, bf16* o, float* lse, int tokens, int hq, int hkv,             \
+        float scale_log2) {                                                                         \
+    attn_fwd_tc<D, 8>(q, k, v, cu, o, lse, tokens, hq, hkv, scale_log2); }                          \
+extern "C" __global__ void __launch_bounds__(128, 2) attn_bwd_tc_d##D(const bf16* dout,           \
+        const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,          \
+        const int* cu, float* dq_acc, bf16* dk, bf16* dv, int tokens, int hq, int hkv,              \
+        float scale) {                                                                              \
+    attn_bwd_tc<D>(dout, q, k, v, lse, delta, cu, dq_acc, dk, dv, tokens, hq, hkv, scale); }
+
+INSTANTIATE_TC(64)
+INSTANTIATE_TC(128)

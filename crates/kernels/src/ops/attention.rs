@@ -13,8 +13,10 @@ use std::sync::Arc;
 use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
 use crate::check::{compare, random_pair, CheckLine, GpuCheck};
 use crate::cpu::par_rows;
+use crate::cuda::gemm::{GemmSpec, Operand};
 use crate::cuda::{Gpu, KernelSource};
 use crate::error::{KernelError, Result};
+use crate::ops::eager;
 use crate::ops::matmul::dot;
 use crate::rng::Rng;
 use crate::{launch, DType, Device, Tensor};
@@ -267,8 +269,18 @@ pub fn attention_forward_with(
     if dims.tokens == 0 {
         return Ok(AttentionForward { o, lse });
     }
-    let _ = kernel;
     let docs = bounds.len() - 1;
+    if use_tensor_cores(q.dtype(), kernel) {
+        let grid = tc_grid(max_seqlen, FWD_BM, dims.hq, docs)?;
+        let f = gpu.function(&SOURCE, &format!("attn_fwd_tc_d{}", dims.d))?;
+        let smem = (FWD_BM + 4 * 64) * dims.d * 2;
+        gpu.set_max_dynamic_shared(f, smem)?;
+        launch!(gpu, f, grid, (256, 1, 1), smem as u32;
+            q.dptr(), k.dptr(), v.dptr(), cu.dptr(), o.dptr(), lse.dptr(),
+            dims.tokens as i32, dims.hq as i32, dims.hkv as i32,
+            p.softmax_scale * std::f32::consts::LOG2_E)?;
+        return Ok(AttentionForward { o, lse });
+    }
     let sfx = q.dtype().kernel_suffix();
     let f = gpu.function(&SOURCE, &format!("attn_fwd_simple_{sfx}"))?;
     launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
@@ -276,6 +288,31 @@ pub fn attention_forward_with(
         dims.tokens as i32, dims.hq as i32, dims.hkv as i32, dims.d as i32, docs as i32,
         p.softmax_scale)?;
     Ok(AttentionForward { o, lse })
+}
+
+/// Query rows per forward CTA (8 warps of 16 rows), keys per backward CTA (4 warps of 16),
+/// query rows per backward step.
+const FWD_BM: usize = 128;
+const BWD_BN: usize = 64;
+const BWD_BM: usize = 64;
+
+fn use_tensor_cores(dtype: DType, kernel: AttentionKernel) -> bool {
+    kernel == AttentionKernel::Auto && dtype == DType::BF16
+}
+
+/// Grid of (tiles of `max_seqlen`, heads, documents).
+fn tc_grid(max_seqlen: usize, tile: usize, heads: usize, docs: usize) -> Result<(u32, u32, u32)> {
+    if heads > 65535 || docs > 65535 {
+        return Err(KernelError::invalid(
+            OP,
+            format!("{heads} heads x {docs} documents exceed the CUDA grid (65535 each)"),
+        ));
+    }
+    Ok((
+        max_seqlen.div_ceil(tile).max(1) as u32,
+        heads as u32,
+        docs as u32,
+    ))
 }
 
 /// Blocks of 8 warps, one warp per row.
@@ -353,7 +390,6 @@ pub fn attention_backward_with(
     if dims.tokens == 0 {
         return Ok(AttentionBackward { dq, dk, dv });
     }
-    let _ = kernel;
     let docs = bounds.len() - 1;
     let (t, hq, hkv, d) = (
         dims.tokens as i32,
@@ -366,6 +402,22 @@ pub fn attention_backward_with(
     let f = gpu.function(&SOURCE, &format!("attn_bwd_delta_{sfx}"))?;
     launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
         dout.dptr(), o.dptr(), delta.dptr(), t, hq, d)?;
+    if use_tensor_cores(q.dtype(), kernel) {
+        let grid = tc_grid(max_seqlen, BWD_BN, dims.hkv, docs)?;
+        // dq is summed over key blocks with fp32 atomics, then rounded once.
+        let dq_acc = Tensor::zeros(q.shape(), DType::F32, &Device::Cuda(gpu.clone()))?;
+        let f = gpu.function(&SOURCE, &format!("attn_bwd_tc_d{}", dims.d))?;
+        let smem = (2 * BWD_BN + 4 * BWD_BM) * dims.d * 2 + BWD_BN * BWD_BM * 2 + 4 * BWD_BM * 4;
+        gpu.set_max_dynamic_shared(f, smem)?;
+        launch!(gpu, f, grid, (128, 1, 1), smem as u32;
+            dout.dptr(), q.dptr(), k.dptr(), v.dptr(), lse.dptr(), delta.dptr(), cu.dptr(),
+            dq_acc.dptr(), dk.dptr(), dv.dptr(), t, hq, hkv, p.softmax_scale)?;
+        let n = q.elem_count();
+        let f = gpu.function(&SOURCE, "attn_dq_convert")?;
+        let blocks = (n / 8).div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
+        launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; dq_acc.dptr(), dq.dptr(), n as i64)?;
+        return Ok(AttentionBackward { dq, dk, dv });
+    }
     let f = gpu.function(&SOURCE, &format!("attn_bwd_dq_simple_{sfx}"))?;
     launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
         dout.dptr(), q.dptr(), k.dptr(), v.dptr(), lse.dptr(), delta.dptr(), cu.dptr(),
@@ -637,7 +689,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         Tensor::from_f32_as(shape, rng.normal_vec(n, 1.0), DType::BF16)?.to_device(&dev)
     };
     let q = rand(&[tokens, hq, d])?;
-    let k = rand(&[tokens, hkv, d])?;
+    let k_ = rand(&[tokens, hkv, d])?;
     let v = rand(&[tokens, hkv, d])?;
     let dout = rand(&[tokens, hq, d])?;
     let cu = Tensor::from_i32(&[seqs + 1], cu_seqlens_of(&vec![seq; seqs]))?.to_device(&dev)?;
@@ -655,16 +707,191 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         0.0,
         fwd_flops + bwd_flops,
         || {
-            let f = attention_forward(&q, &k, &v, &cu, seq, &p)?;
-            attention_backward(&dout, &q, &k, &v, &f.o, &f.lse, &cu, seq, &p)?;
+            let f = attention_forward(&q, &k_, &v, &cu, seq, &p)?;
+            attention_backward(&dout, &q, &k_, &v, &f.o, &f.lse, &cu, seq, &p)?;
             Ok(())
         },
     )?;
     let fused_fwd = measure(gpu, cfg, OP, "fused-fwd", &shape, 0.0, fwd_flops, || {
-        attention_forward(&q, &k, &v, &cu, seq, &p)?;
+        attention_forward(&q, &k_, &v, &cu, seq, &p)?;
         Ok(())
     })?;
-    Ok(vec![fused, fused_fwd])
+    let fused_simple = measure(
+        gpu,
+        cfg,
+        OP,
+        "simple-kernels",
+        &shape,
+        0.0,
+        fwd_flops + bwd_flops,
+        || {
+            let k = AttentionKernel::Simple;
+            let f = attention_forward_with(&q, &k_, &v, &cu, seq, &p, k)?;
+            attention_backward_with(&dout, &q, &k_, &v, &f.o, &f.lse, &cu, seq, &p, k)?;
+            Ok(())
+        },
+    )?;
+    // HF eager attention: repeat_kv, then per sequence a strided-batched GEMM over heads for
+    // the scores (bf16), a causal softmax kernel (f32 math, bf16 probabilities saved for the
+    // backward), a GEMM for P V; the backward through the same graph.
+    let eager_fwd = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+        let kx = eager::repeat_kv(k, tokens, hkv, hq / hkv, d)?;
+        let vx = eager::repeat_kv(v, tokens, hkv, hq / hkv, d)?;
+        let o = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
+        let mut probs = Vec::new();
+        for b in 0..seqs {
+            let s = Tensor::uninit_cuda(gpu, &[hq, seq, seq], DType::BF16)?;
+            gpu.gemm(&heads_gemm(
+                seq,
+                seq,
+                d,
+                (q, b, false),
+                (&kx, b, true),
+                (&s, 0, false),
+                p.softmax_scale,
+                hq,
+                seq,
+            ))?;
+            let pr = eager::causal_softmax(&s, seq, DType::BF16)?;
+            gpu.gemm(&heads_gemm(
+                seq,
+                d,
+                seq,
+                (&pr, 0, false),
+                (&vx, b, false),
+                (&o, b, false),
+                1.0,
+                hq,
+                seq,
+            ))?;
+            probs.push(pr);
+        }
+        Ok((o, probs))
+    };
+    let unfused_fwd = measure(gpu, cfg, OP, "unfused-fwd", &shape, 0.0, fwd_flops, || {
+        eager_fwd(&q, &k_, &v)?;
+        Ok(())
+    })?;
+    let unfused = measure(
+        gpu,
+        cfg,
+        OP,
+        "unfused",
+        &shape,
+        0.0,
+        fwd_flops + bwd_flops,
+        || {
+            let (_o, probs) = eager_fwd(&q, &k_, &v)?;
+            let kx = eager::repeat_kv(&k_, tokens, hkv, hq / hkv, d)?;
+            let vx = eager::repeat_kv(&v, tokens, hkv, hq / hkv, d)?;
+            let dq = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
+            let dkx = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
+            let dvx = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
+            for (b, pr) in probs.iter().enumerate() {
+                let dp = Tensor::uninit_cuda(gpu, &[hq, seq, seq], DType::BF16)?;
+                gpu.gemm(&heads_gemm(
+                    seq,
+                    seq,
+                    d,
+                    (&dout, b, false),
+                    (&vx, b, true),
+                    (&dp, 0, false),
+                    1.0,
+                    hq,
+                    seq,
+                ))?;
+                let ds = eager::softmax_backward(pr, &dp, seq, DType::BF16)?;
+                let sc = p.softmax_scale;
+                gpu.gemm(&heads_gemm(
+                    seq,
+                    d,
+                    seq,
+                    (&ds, 0, false),
+                    (&kx, b, false),
+                    (&dq, b, false),
+                    sc,
+                    hq,
+                    seq,
+                ))?;
+                gpu.gemm(&heads_gemm(
+                    seq,
+                    d,
+                    seq,
+                    (&ds, 0, true),
+                    (&q, b, false),
+                    (&dkx, b, false),
+                    sc,
+                    hq,
+                    seq,
+                ))?;
+                gpu.gemm(&heads_gemm(
+                    seq,
+                    d,
+                    seq,
+                    (pr, 0, true),
+                    (&dout, b, false),
+                    (&dvx, b, false),
+                    1.0,
+                    hq,
+                    seq,
+                ))?;
+            }
+            eager::group_sum(&dkx, tokens, hkv, hq / hkv, d)?;
+            eager::group_sum(&dvx, tokens, hkv, hq / hkv, d)?;
+            Ok(())
+        },
+    )?;
+    Ok(vec![fused, fused_fwd, fused_simple, unfused, unfused_fwd])
+}
+
+/// One strided-batched GEMM over `heads`, `C = alpha op(A) op(B)`. Each operand is
+/// `(tensor, sequence, transposed)`: a `[heads, seq, seq]` matrix stack (score-like, sequence
+/// ignored) or a `[tokens, heads, d]` activation, of which sequence `b`'s rows are taken, one
+/// head per batch entry.
+#[allow(clippy::too_many_arguments)]
+fn heads_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (&Tensor, usize, bool),
+    b: (&Tensor, usize, bool),
+    c: (&Tensor, usize, bool),
+    alpha: f32,
+    heads: usize,
+    seq: usize,
+) -> GemmSpec {
+    let operand = |(t, seqn, trans): (&Tensor, usize, bool)| {
+        let shape = t.shape();
+        if shape[1] == seq && shape.len() == 3 && shape[0] == heads && shape[2] == seq {
+            Operand {
+                ptr: t.dptr(),
+                dtype: t.dtype(),
+                ld: seq,
+                trans,
+                batch_stride: seq * seq,
+            }
+        } else {
+            let d = shape[2];
+            Operand {
+                ptr: t.dptr() + (seqn * seq * heads * d * t.dtype().size_in_bytes()) as u64,
+                dtype: t.dtype(),
+                ld: heads * d,
+                trans,
+                batch_stride: d,
+            }
+        }
+    };
+    GemmSpec {
+        m,
+        n,
+        k,
+        a: operand(a),
+        b: operand(b),
+        c: operand(c),
+        alpha,
+        beta: 0.0,
+        batch: heads,
+    }
 }
 
 #[cfg(test)]
