@@ -272,6 +272,11 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned addr, unsigned& r0, unsigned&
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
 
+// *p += (a, b) for two adjacent floats (8-byte aligned), one vector atomic (sm_90).
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // c += A B for one m16n8k16 tile.
 __device__ __forceinline__ void mma16816(float c[4], unsigned a0, unsigned a1, unsigned a2,
                                          unsigned a3, unsigned b0, unsigned b1) {
@@ -457,23 +462,27 @@ __device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf
     }
 }
 
-// Backward, after attn_bwd_delta. One CTA per (key block of BN = 64 rows, kv head, document),
-// 4 warps, each owning 16 keys: dK and dV for its keys stay in registers while the CTA walks
+// Backward, after attn_bwd_delta. One CTA per (key block of BN = 16 * WARPS rows, kv head,
+// document), each warp owning 16 keys: dK and dV for its keys stay in registers while the CTA walks
 // every query head of the kv group and every query block of BM = 64 rows at or after the key
 // block (Q, dO, lse and delta double-buffered through cp.async). Per step, per warp:
 //   S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-//   dK += dS^T Q; then dS^T goes to shared memory and the warps switch to query rows for
-//   dQ += dS K, added with fp32 atomics into dq_acc (f32 [tokens, Hq, D], zeroed first).
+//   dK += dS^T Q; then dS^T goes to shared memory and the warps switch to (16 query rows,
+//   D / (WARPS / 4) columns) tiles for dQ += dS K, added with fp32 vector atomics into dq_acc
+//   (f32 [tokens, Hq, D], zeroed first).
 // The GQA sum over query heads happens in registers, so dK and dV need no atomics.
 // Shared memory: (2 BN + 4 BM) * D + BN * BM bf16 + 4 BM f32.
-template <int D>
+template <int D, int WARPS>
 __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const bf16* __restrict__ q,
                                             const bf16* __restrict__ k, const bf16* __restrict__ v,
                                             const float* __restrict__ lse, const float* __restrict__ delta,
                                             const int* __restrict__ cu, float* __restrict__ dq_acc,
                                             bf16* __restrict__ dk, bf16* __restrict__ dv,
                                             int tokens, int hq, int hkv, float scale) {
-    constexpr int WARPS = 4, THREADS = 32 * WARPS, BN = 16 * WARPS, BM = 64;
+    constexpr int THREADS = 32 * WARPS, BN = 16 * WARPS, BM = 64;
+    // dQ tiles: BM / 16 row groups times DQ_SPLIT column slices of DQ_COLS.
+    constexpr int DQ_SPLIT = WARPS / (BM / 16), DQ_COLS = D / DQ_SPLIT;
+    static_assert(DQ_SPLIT >= 1 && WARPS % (BM / 16) == 0, "warps must cover the dQ rows");
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // [BN][D]
     bf16* sV = sK + BN * D;                        // [BN][D]
@@ -569,22 +578,29 @@ __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const
                 st[nt][e] = (mask && (query < key || query >= len)) ? 0.0f : p;
             }
         }
+        // P^T as bf16 A fragments, one per 16-query k-step (the fp32 scores die here, which
+        // keeps the kernel within 255 registers); dS below uses the same rounded P.
+        unsigned pt[BM / 16][4];
+        #pragma unroll
+        for (int kk = 0; kk < BM / 16; kk++) {
+            pt[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
+            pt[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
+            pt[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            pt[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        }
         // dV += P^T dO: k runs over the BM queries.
         #pragma unroll
         for (int kk = 0; kk < BM / 16; kk++) {
-            const unsigned a0 = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
-            const unsigned a1 = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
-            const unsigned a2 = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-            const unsigned a3 = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
             #pragma unroll
             for (int dt = 0; dt < D / 16; dt++) {
                 unsigned b0, b1, b2, b3;
                 ldsm_x4_t(smem_u32(dOt + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dt * 2))), b0, b1, b2, b3);
-                mma16816(dv_acc[2 * dt], a0, a1, a2, a3, b0, b1);
-                mma16816(dv_acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+                mma16816(dv_acc[2 * dt], pt[kk][0], pt[kk][1], pt[kk][2], pt[kk][3], b0, b1);
+                mma16816(dv_acc[2 * dt + 1], pt[kk][0], pt[kk][1], pt[kk][2], pt[kk][3], b2, b3);
             }
         }
-        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place.
+        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place. C element (nt, e) of P^T is
+        // in pt[nt / 2][2 (nt % 2) + e / 2], low half for even e.
         float dpt[BM / 8][4];
         #pragma unroll
         for (int i = 0; i < BM / 8; i++) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
@@ -603,7 +619,11 @@ __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const
         #pragma unroll
         for (int nt = 0; nt < BM / 8; nt++) {
             #pragma unroll
-            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta_t[nt * 8 + tc * 2 + (e & 1)]);
+            for (int e = 0; e < 4; e++) {
+                const unsigned w = pt[nt >> 1][(nt & 1) * 2 + (e >> 1)];
+                const float p = (e & 1) ? hi_bf16(w) : lo_bf16(w);
+                dpt[nt][e] = p * (dpt[nt][e] - delta_t[nt * 8 + tc * 2 + (e & 1)]);
+            }
         }
         // dK += dS^T Q; and dS^T (bf16) to shared memory for dQ.
         #pragma unroll
@@ -629,41 +649,37 @@ __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const
             base[(swz<BM>(r + 8, 2 * kk + 1) + tc * 2) >> 1] = a3;
         }
         __syncthreads();
-        // dQ (BM x D) += dS (BM x BN) K (BN x D): warp w takes query rows 16w..16w+15, in two
-        // halves of D to bound the registers.
+        // dQ (BM x D) += dS (BM x BN) K (BN x D): warp w takes query rows 16 (w % 4).. and
+        // columns DQ_COLS (w / 4)..
         {
-            const int qrow = m * BM + warp * 16 + g;  // doc-relative query of c0/c1; c2/c3 +8
-            float* dq_base = dq_acc + (size_t)start * q_stride + (size_t)h * D;
+            const int rg = warp % (BM / 16), col0 = (warp / (BM / 16)) * DQ_COLS;
+            const int qrow = m * BM + rg * 16 + g;  // doc-relative query of c0/c1; c2/c3 +8
+            float* dq_base = dq_acc + (size_t)start * q_stride + (size_t)h * D + col0 + tc * 2;
+            float acc[DQ_COLS / 8][4];
             #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                float acc[D / 16][4];
+            for (int i = 0; i < DQ_COLS / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                unsigned a0, a1, a2, a3;
+                // A = dS rows (queries) 16 rg.., k = keys 16 kk..: from sdS [key][query], transposed.
+                ldsm_x4_t(smem_u32(sdS + swz<BM>(bnk_row(lane, kk * 16), bnk_chunk(lane, rg * 2))), a0, a1, a2, a3);
                 #pragma unroll
-                for (int i = 0; i < D / 16; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-                #pragma unroll
-                for (int kk = 0; kk < BN / 16; kk++) {
-                    unsigned a0, a1, a2, a3;
-                    // A = dS rows (queries) 16w.., k = keys 16kk..: from sdS [key][query], transposed.
-                    ldsm_x4_t(smem_u32(sdS + swz<BM>(bnk_row(lane, kk * 16), bnk_chunk(lane, warp * 2))), a0, a1, a2, a3);
-                    #pragma unroll
-                    for (int dt = 0; dt < D / 32; dt++) {
-                        unsigned b0, b1, b2, b3;
-                        const int dchunk = half * (D / 16) + dt * 2;
-                        ldsm_x4_t(smem_u32(sK + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dchunk))), b0, b1, b2, b3);
-                        mma16816(acc[2 * dt], a0, a1, a2, a3, b0, b1);
-                        mma16816(acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
-                    }
+                for (int dt = 0; dt < DQ_COLS / 16; dt++) {
+                    unsigned b0, b1, b2, b3;
+                    const int dchunk = col0 / 8 + dt * 2;
+                    ldsm_x4_t(smem_u32(sK + swz<D>(a_row(lane, kk * 16), a_chunk(lane, dchunk))), b0, b1, b2, b3);
+                    mma16816(acc[2 * dt], a0, a1, a2, a3, b0, b1);
+                    mma16816(acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
                 }
-                #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int row = qrow + hf * 8;
-                    if (row < len) {
-                        float* dst = dq_base + (size_t)row * q_stride + half * (D / 2) + tc * 2;
-                        #pragma unroll
-                        for (int i = 0; i < D / 16; i++) {
-                            atomicAdd(dst + i * 8, acc[i][2 * hf] * scale);
-                            atomicAdd(dst + i * 8 + 1, acc[i][2 * hf + 1] * scale);
-                        }
-                    }
+            }
+            #pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int row = qrow + hf * 8;
+                if (row < len) {
+                    float* dst = dq_base + (size_t)row * q_stride;
+                    #pragma unroll
+                    for (int i = 0; i < DQ_COLS / 8; i++)
+                        red_add_v2(dst + i * 8, acc[i][2 * hf] * scale, acc[i][2 * hf + 1] * scale);
                 }
             }
         }
@@ -700,11 +716,11 @@ extern "C" __global__ void __launch_bounds__(256) attn_fwd_tc_d##D(const bf16* q
         const bf16* v, const int* cu, bf16* o, float* lse, int tokens, int hq, int hkv,             \
         float scale_log2) {                                                                         \
     attn_fwd_tc<D, 8>(q, k, v, cu, o, lse, tokens, hq, hkv, scale_log2); }                          \
-extern "C" __global__ void __launch_bounds__(128, 2) attn_bwd_tc_d##D(const bf16* dout,           \
+extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_tc_d##D(const bf16* dout,           \
         const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,          \
         const int* cu, float* dq_acc, bf16* dk, bf16* dv, int tokens, int hq, int hkv,              \
         float scale) {                                                                              \
-    attn_bwd_tc<D>(dout, q, k, v, lse, delta, cu, dq_acc, dk, dv, tokens, hq, hkv, scale); }
+    attn_bwd_tc<D, 8>(dout, q, k, v, lse, delta, cu, dq_acc, dk, dv, tokens, hq, hkv, scale); }
 
 INSTANTIATE_TC(64)
 INSTANTIATE_TC(128)

@@ -290,10 +290,10 @@ pub fn attention_forward_with(
     Ok(AttentionForward { o, lse })
 }
 
-/// Query rows per forward CTA (8 warps of 16 rows), keys per backward CTA (4 warps of 16),
+/// Query rows per forward CTA (8 warps of 16 rows), keys per backward CTA (8 warps of 16),
 /// query rows per backward step.
 const FWD_BM: usize = 128;
-const BWD_BN: usize = 64;
+const BWD_BN: usize = 128;
 const BWD_BM: usize = 64;
 
 fn use_tensor_cores(dtype: DType, kernel: AttentionKernel) -> bool {
@@ -409,7 +409,7 @@ pub fn attention_backward_with(
         let f = gpu.function(&SOURCE, &format!("attn_bwd_tc_d{}", dims.d))?;
         let smem = (2 * BWD_BN + 4 * BWD_BM) * dims.d * 2 + BWD_BN * BWD_BM * 2 + 4 * BWD_BM * 4;
         gpu.set_max_dynamic_shared(f, smem)?;
-        launch!(gpu, f, grid, (128, 1, 1), smem as u32;
+        launch!(gpu, f, grid, (256, 1, 1), smem as u32;
             dout.dptr(), q.dptr(), k.dptr(), v.dptr(), lse.dptr(), delta.dptr(), cu.dptr(),
             dq_acc.dptr(), dk.dptr(), dv.dptr(), t, hq, hkv, p.softmax_scale)?;
         let n = q.elem_count();
