@@ -313,20 +313,22 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* base, size_t r
     }
 }
 
-// Forward. One CTA per (query tile of BM = 16 * WARPS rows, query head, document); each warp
-// owns 16 query rows. Key/value blocks of BN = 64 rows stream through a double-buffered pair
-// of shared tiles (cp.async); scores and the output accumulator stay in registers; the
-// causal mask is applied only on blocks that reach past the tile's first row.
+// Forward. One CTA per (query tile of BM = 16 * MT * WARPS rows, query head, document); each
+// warp owns MT m-tiles of 16 query rows, so every K/V fragment it loads from shared memory
+// feeds MT mmas. Key/value blocks of BN rows stream through a double-buffered pair of shared
+// tiles (cp.async); scores and the output accumulator stay in registers; the causal mask is
+// applied only on blocks that reach past the tile's first row, and a warp skips a block
+// whose keys all lie past its rows.
 // Shared memory: (BM + 4 BN) * D bf16.
-template <int D, int WARPS>
+template <int D, int WARPS, int MT, int BN>
 __device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                             const bf16* __restrict__ v, const int* __restrict__ cu,
                                             bf16* __restrict__ o, float* __restrict__ lse,
                                             int tokens, int hq, int hkv, float scale_log2) {
-    constexpr int BM = 16 * WARPS, BN = 64, THREADS = 32 * WARPS;
+    constexpr int WROWS = 16 * MT, BM = WROWS * WARPS, THREADS = 32 * WARPS;
     extern __shared__ __align__(128) unsigned char smem_raw[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
-    bf16* sK = sQ + BM * D;  // [2][BN][D]
+    bf16* sK = sQ + BM * D;      // [2][BN][D]
     bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
 
     const int m = gridDim.x - 1 - blockIdx.x;  // the longest rows (most keys) start first
@@ -347,13 +349,18 @@ __device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf
     load_tile<BN, D, THREADS>(sV, vb, kv_stride, 0, len);
     cp_async_commit();
 
-    float acc[D / 8][4];
+    float acc[MT][D / 8][4];
+    // Running max (log2 units, scale folded in) and partial sum of rows g and g + 8 of each
+    // m-tile; the sum is this thread's share until the quad reduces it at the end.
+    float row_max[MT][2], row_sum[MT][2];
     #pragma unroll
-    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    // Running max (log2 units, scale folded in) and partial sum of rows g and g + 8; the sum
-    // is this thread's share until the quad reduces it at the end.
-    float row_max[2] = {NEG_INF, NEG_INF}, row_sum[2] = {0.0f, 0.0f};
-    const int row_base = m * BM + warp * 16 + g;  // doc-relative row of c0/c1; c2/c3 are +8
+    for (int mt = 0; mt < MT; mt++) {
+        #pragma unroll
+        for (int i = 0; i < D / 8; i++) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.0f;
+        row_max[mt][0] = row_max[mt][1] = NEG_INF;
+        row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+    }
+    const int warp_row0 = m * BM + warp * WROWS;  // doc-relative first row of this warp
 
     for (int n = 0; n < n_blocks; n++) {
         const int buf = n & 1;
@@ -366,98 +373,130 @@ __device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf
             cp_async_wait<0>();
         }
         __syncthreads();
-        const bf16* Kt = sK + buf * BN * D;
-        const bf16* Vt = sV + buf * BN * D;
+        // Keys n BN.. all lie past this warp's last row: nothing to add (warp-uniform).
+        if (n * BN <= warp_row0 + WROWS - 1) {
+            const bf16* Kt = sK + buf * BN * D;
+            const bf16* Vt = sV + buf * BN * D;
 
-        // S = Q K^T for this warp's 16 rows x BN keys.
-        float s[BN / 8][4];
-        #pragma unroll
-        for (int i = 0; i < BN / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-        #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            unsigned a0, a1, a2, a3;
-            const int ar = a_row(lane, warp * 16);
-            ldsm_x4(smem_u32(sQ + swz<D>(ar, a_chunk(lane, kk * 2))), a0, a1, a2, a3);
+            // S = Q K^T for this warp's rows x BN keys.
+            float s[MT][BN / 8][4];
             #pragma unroll
-            for (int nt = 0; nt < BN / 16; nt++) {
-                unsigned b0, b1, b2, b3;
-                const int br = bnk_row(lane, nt * 16);
-                ldsm_x4(smem_u32(Kt + swz<D>(br, bnk_chunk(lane, kk * 2))), b0, b1, b2, b3);
-                mma16816(s[2 * nt], a0, a1, a2, a3, b0, b1);
-                mma16816(s[2 * nt + 1], a0, a1, a2, a3, b2, b3);
+            for (int mt = 0; mt < MT; mt++) {
+                #pragma unroll
+                for (int i = 0; i < BN / 8; i++) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
             }
-        }
+            #pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                unsigned a[MT][4];
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    const int ar = a_row(lane, warp * WROWS + mt * 16);
+                    ldsm_x4(smem_u32(sQ + swz<D>(ar, a_chunk(lane, kk * 2))), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+                }
+                #pragma unroll
+                for (int nt = 0; nt < BN / 16; nt++) {
+                    unsigned b0, b1, b2, b3;
+                    const int br = bnk_row(lane, nt * 16);
+                    ldsm_x4(smem_u32(Kt + swz<D>(br, bnk_chunk(lane, kk * 2))), b0, b1, b2, b3);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma16816(s[mt][2 * nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+                        mma16816(s[mt][2 * nt + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b2, b3);
+                    }
+                }
+            }
 
-        // Scale into log2 units; mask keys past the row on blocks that cross the diagonal.
-        const bool diag = (n + 1) * BN - 1 > m * BM;
-        #pragma unroll
-        for (int nt = 0; nt < BN / 8; nt++) {
+            // Scale into log2 units; mask keys past the row on blocks that cross the diagonal.
+            const bool diag = (n + 1) * BN - 1 > warp_row0;
             #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int row = row_base + (e >> 1) * 8, col = n * BN + nt * 8 + tc * 2 + (e & 1);
-                s[nt][e] = (diag && col > row) ? NEG_INF : s[nt][e] * scale_log2;
+            for (int mt = 0; mt < MT; mt++) {
+                #pragma unroll
+                for (int nt = 0; nt < BN / 8; nt++) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int row = warp_row0 + mt * 16 + g + (e >> 1) * 8;
+                        const int col = n * BN + nt * 8 + tc * 2 + (e & 1);
+                        s[mt][nt][e] = (diag && col > row) ? NEG_INF : s[mt][nt][e] * scale_log2;
+                    }
+                }
             }
-        }
-        // Online softmax, one row half (g, then g + 8) at a time; the 4 lanes of a quad share
-        // a row.
-        #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float mx = row_max[hf];
+            // Online softmax, one row (g, then g + 8 of each m-tile) at a time; the 4 lanes of
+            // a quad share a row.
             #pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row with no visible key yet keeps max -inf; subtract 0 then so exp2 gives 0.
-            const float mu = mx == NEG_INF ? 0.0f : mx;
-            const float corr = exp2f(row_max[hf] - mu);
-            row_max[hf] = mx;
-            float sum = 0.0f;
-            #pragma unroll
-            for (int nt = 0; nt < BN / 8; nt++) {
-                s[nt][2 * hf] = exp2f(s[nt][2 * hf] - mu);
-                s[nt][2 * hf + 1] = exp2f(s[nt][2 * hf + 1] - mu);
-                sum += s[nt][2 * hf] + s[nt][2 * hf + 1];
+            for (int mt = 0; mt < MT; mt++) {
+                #pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    float mx = row_max[mt][hf];
+                    #pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++)
+                        mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    // A row with no visible key yet keeps max -inf; subtract 0 then so exp2
+                    // gives 0.
+                    const float mu = mx == NEG_INF ? 0.0f : mx;
+                    const float corr = exp2f(row_max[mt][hf] - mu);
+                    row_max[mt][hf] = mx;
+                    float sum = 0.0f;
+                    #pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++) {
+                        s[mt][nt][2 * hf] = exp2f(s[mt][nt][2 * hf] - mu);
+                        s[mt][nt][2 * hf + 1] = exp2f(s[mt][nt][2 * hf + 1] - mu);
+                        sum += s[mt][nt][2 * hf] + s[mt][nt][2 * hf + 1];
+                    }
+                    row_sum[mt][hf] = row_sum[mt][hf] * corr + sum;
+                    #pragma unroll
+                    for (int i = 0; i < D / 8; i++) {
+                        acc[mt][i][2 * hf] *= corr;
+                        acc[mt][i][2 * hf + 1] *= corr;
+                    }
+                }
             }
-            row_sum[hf] = row_sum[hf] * corr + sum;
-            #pragma unroll
-            for (int i = 0; i < D / 8; i++) {
-                acc[i][2 * hf] *= corr;
-                acc[i][2 * hf + 1] *= corr;
-            }
-        }
 
-        // O += P V, P (bf16) straight from the score registers.
-        #pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            const unsigned a0 = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            const unsigned a1 = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            const unsigned a2 = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            const unsigned a3 = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            // O += P V, P (bf16) straight from the score registers.
             #pragma unroll
-            for (int dt = 0; dt < D / 16; dt++) {
-                unsigned b0, b1, b2, b3;
-                const int br = a_row(lane, kk * 16);
-                ldsm_x4_t(smem_u32(Vt + swz<D>(br, a_chunk(lane, dt * 2))), b0, b1, b2, b3);
-                mma16816(acc[2 * dt], a0, a1, a2, a3, b0, b1);
-                mma16816(acc[2 * dt + 1], a0, a1, a2, a3, b2, b3);
+            for (int kk = 0; kk < BN / 16; kk++) {
+                unsigned a[MT][4];
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    a[mt][0] = pack_bf16x2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    a[mt][1] = pack_bf16x2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    a[mt][2] = pack_bf16x2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    a[mt][3] = pack_bf16x2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+                #pragma unroll
+                for (int dt = 0; dt < D / 16; dt++) {
+                    unsigned b0, b1, b2, b3;
+                    const int br = a_row(lane, kk * 16);
+                    ldsm_x4_t(smem_u32(Vt + swz<D>(br, a_chunk(lane, dt * 2))), b0, b1, b2, b3);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma16816(acc[mt][2 * dt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+                        mma16816(acc[mt][2 * dt + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b2, b3);
+                    }
+                }
             }
         }
         __syncthreads();  // this buffer is refilled by the next iteration's prefetch
     }
 
     #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float l = row_sum[hf];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const int row = row_base + hf * 8;
-        if (row < len) {
-            const float inv = 1.0f / l;
-            unsigned* orow = reinterpret_cast<unsigned*>(o + ((size_t)(start + row) * hq + h) * D);
-            #pragma unroll
-            for (int i = 0; i < D / 8; i++)
-                orow[(i * 8 + tc * 2) >> 1] = pack_bf16x2(acc[i][2 * hf] * inv, acc[i][2 * hf + 1] * inv);
-            if (tc == 0) lse[(size_t)h * tokens + start + row] = (row_max[hf] + log2f(l)) * LN2;
+    for (int mt = 0; mt < MT; mt++) {
+        #pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float l = row_sum[mt][hf];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int row = warp_row0 + mt * 16 + g + hf * 8;
+            if (row < len) {
+                const float inv = 1.0f / l;
+                unsigned* orow = reinterpret_cast<unsigned*>(o + ((size_t)(start + row) * hq + h) * D);
+                #pragma unroll
+                for (int i = 0; i < D / 8; i++)
+                    orow[(i * 8 + tc * 2) >> 1] =
+                        pack_bf16x2(acc[mt][i][2 * hf] * inv, acc[mt][i][2 * hf + 1] * inv);
+                if (tc == 0) lse[(size_t)h * tokens + start + row] = (row_max[mt][hf] + log2f(l)) * LN2;
+            }
         }
     }
 }
@@ -711,11 +750,19 @@ extern "C" __global__ void attn_dq_convert(const float* __restrict__ acc, bf16* 
     }
 }
 
+// The forward's tiling (attention.rs mirrors it): 4 warps of 2 m-tiles = 128 query rows, key
+// blocks of 32 (fastest of the tilings tried on an H100; 255 registers, no spills at D 128);
+// two CTAs fit on an SM.
+#define FWD_WARPS 4
+#define FWD_MT 2
+#define FWD_BN 32
+#define FWD_MIN_BLOCKS 2
+
 #define INSTANTIATE_TC(D)                                                                          \
-extern "C" __global__ void __launch_bounds__(256) attn_fwd_tc_d##D(const bf16* q, const bf16* k,  \
-        const bf16* v, const int* cu, bf16* o, float* lse, int tokens, int hq, int hkv,             \
-        float scale_log2) {                                                                         \
-    attn_fwd_tc<D, 8>(q, k, v, cu, o, lse, tokens, hq, hkv, scale_log2); }                          \
+extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, FWD_MIN_BLOCKS) attn_fwd_tc_d##D(   \
+        const bf16* q, const bf16* k, const bf16* v, const int* cu, bf16* o, float* lse,            \
+        int tokens, int hq, int hkv, float scale_log2) {                                            \
+    attn_fwd_tc<D, FWD_WARPS, FWD_MT, FWD_BN>(q, k, v, cu, o, lse, tokens, hq, hkv, scale_log2); }  \
 extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_tc_d##D(const bf16* dout,           \
         const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,          \
         const int* cu, float* dq_acc, bf16* dk, bf16* dv, int tokens, int hq, int hkv,              \

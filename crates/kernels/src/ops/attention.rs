@@ -273,9 +273,9 @@ pub fn attention_forward_with(
     if use_tensor_cores(q.dtype(), kernel) {
         let grid = tc_grid(max_seqlen, FWD_BM, dims.hq, docs)?;
         let f = gpu.function(&SOURCE, &format!("attn_fwd_tc_d{}", dims.d))?;
-        let smem = (FWD_BM + 4 * 64) * dims.d * 2;
+        let smem = (FWD_BM + 4 * FWD_BN) * dims.d * 2;
         gpu.set_max_dynamic_shared(f, smem)?;
-        launch!(gpu, f, grid, (256, 1, 1), smem as u32;
+        launch!(gpu, f, grid, (FWD_THREADS, 1, 1), smem as u32;
             q.dptr(), k.dptr(), v.dptr(), cu.dptr(), o.dptr(), lse.dptr(),
             dims.tokens as i32, dims.hq as i32, dims.hkv as i32,
             p.softmax_scale * std::f32::consts::LOG2_E)?;
@@ -290,9 +290,12 @@ pub fn attention_forward_with(
     Ok(AttentionForward { o, lse })
 }
 
-/// Query rows per forward CTA (8 warps of 16 rows), keys per backward CTA (8 warps of 16),
-/// query rows per backward step.
+/// The kernels' tiling (mirrors attention.cu): query rows, keys per block and threads of a
+/// forward CTA (4 warps of 2 x 16 rows); keys per backward CTA (8 warps of 16), query rows
+/// per backward step.
 const FWD_BM: usize = 128;
+const FWD_BN: usize = 32;
+const FWD_THREADS: u32 = 128;
 const BWD_BN: usize = 128;
 const BWD_BM: usize = 64;
 
