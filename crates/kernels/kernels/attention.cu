@@ -331,8 +331,10 @@ __device__ __forceinline__ void attn_fwd_tc(const bf16* __restrict__ q, const bf
     bf16* sK = sQ + BM * D;      // [2][BN][D]
     bf16* sV = sK + 2 * BN * D;  // [2][BN][D]
 
-    const int m = gridDim.x - 1 - blockIdx.x;  // the longest rows (most keys) start first
-    const int h = blockIdx.y, doc = blockIdx.z;
+    // Tiles run along z, so every CTA of the longest rows (most keys) starts before any of the
+    // next: the GPU schedules blocks in linear order, and heaviest-first balances the SMs.
+    const int m = gridDim.z - 1 - blockIdx.z;
+    const int h = blockIdx.x, doc = blockIdx.y;
     const int start = cu[doc], len = cu[doc + 1] - start;
     if (m * BM >= len) return;
     const int kvh = h / (hq / hkv);
@@ -531,7 +533,8 @@ __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const
     float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM]
     float* sDelta = sLse + 2 * BM;                          // [2][BM]
 
-    const int n = blockIdx.x, kvh = blockIdx.y, doc = blockIdx.z;
+    // Key blocks run along z: the first blocks see the most queries and start first.
+    const int n = blockIdx.z, kvh = blockIdx.x, doc = blockIdx.y;
     const int start = cu[doc], len = cu[doc + 1] - start;
     if (n * BN >= len) return;
     const int group = hq / hkv;
@@ -741,6 +744,32 @@ __device__ __forceinline__ void attn_bwd_tc(const bf16* __restrict__ dout, const
     }
 }
 
+// delta[h, t] = rowsum(do * o) for bf16 rows of D elements: D / 8 threads per row, 16-byte
+// loads (the warp-per-row attn_bwd_delta reads 2 bytes per lane).
+template <int D>
+__device__ __forceinline__ void attn_bwd_delta_vec(const bf16* __restrict__ dout, const bf16* __restrict__ o,
+                                                   float* __restrict__ delta, int tokens, int hq) {
+    constexpr int TPR = D / 8;
+    const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long row = idx / TPR;
+    const int part = (int)(idx % TPR);
+    const bool valid = row < (long)tokens * hq;
+    float s = 0.0f;
+    if (valid) {
+        float a[8], b[8];
+        load8(dout + row * D + part * 8, a);
+        load8(o + row * D + part * 8, b);
+        #pragma unroll
+        for (int i = 0; i < 8; i++) s += a[i] * b[i];
+    }
+    #pragma unroll
+    for (int off = TPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (valid && part == 0) {
+        const int t = (int)(row / hq), h = (int)(row % hq);
+        delta[(size_t)h * tokens + t] = s;
+    }
+}
+
 // dq = bf16(dq_acc), 8 elements per thread (n is a multiple of 8: D is).
 extern "C" __global__ void attn_dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq, long n) {
     for (long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += (long)gridDim.x * blockDim.x * 8) {
@@ -767,7 +796,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_tc_d##D(const bf16
         const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,          \
         const int* cu, float* dq_acc, bf16* dk, bf16* dv, int tokens, int hq, int hkv,              \
         float scale) {                                                                              \
-    attn_bwd_tc<D, 8>(dout, q, k, v, lse, delta, cu, dq_acc, dk, dv, tokens, hq, hkv, scale); }
+    attn_bwd_tc<D, 8>(dout, q, k, v, lse, delta, cu, dq_acc, dk, dv, tokens, hq, hkv, scale); }  \
+extern "C" __global__ void attn_bwd_delta_d##D(const bf16* dout, const bf16* o, float* delta,    \
+        int tokens, int hq) {                                                                       \
+    attn_bwd_delta_vec<D>(dout, o, delta, tokens, hq); }
 
 INSTANTIATE_TC(64)
 INSTANTIATE_TC(128)

@@ -303,19 +303,17 @@ fn use_tensor_cores(dtype: DType, kernel: AttentionKernel) -> bool {
     kernel == AttentionKernel::Auto && dtype == DType::BF16
 }
 
-/// Grid of (tiles of `max_seqlen`, heads, documents).
+/// Grid of (heads, documents, tiles of `max_seqlen`): tiles outermost so that the kernels can
+/// start the heaviest tiles first.
 fn tc_grid(max_seqlen: usize, tile: usize, heads: usize, docs: usize) -> Result<(u32, u32, u32)> {
-    if heads > 65535 || docs > 65535 {
+    let tiles = max_seqlen.div_ceil(tile).max(1);
+    if docs > 65535 || tiles > 65535 {
         return Err(KernelError::invalid(
             OP,
-            format!("{heads} heads x {docs} documents exceed the CUDA grid (65535 each)"),
+            format!("{docs} documents x {tiles} tiles of {tile} exceed the CUDA grid (65535 each)"),
         ));
     }
-    Ok((
-        max_seqlen.div_ceil(tile).max(1) as u32,
-        heads as u32,
-        docs as u32,
-    ))
+    Ok((heads as u32, docs as u32, tiles as u32))
 }
 
 /// Blocks of 8 warps, one warp per row.
@@ -402,10 +400,11 @@ pub fn attention_backward_with(
     );
     let sfx = q.dtype().kernel_suffix();
     let delta = Tensor::uninit_cuda(&gpu, &[dims.hq, dims.tokens], DType::F32)?;
-    let f = gpu.function(&SOURCE, &format!("attn_bwd_delta_{sfx}"))?;
-    launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
-        dout.dptr(), o.dptr(), delta.dptr(), t, hq, d)?;
     if use_tensor_cores(q.dtype(), kernel) {
+        let f = gpu.function(&SOURCE, &format!("attn_bwd_delta_d{}", dims.d))?;
+        let threads = dims.tokens * dims.hq * dims.d / 8;
+        launch!(gpu, f, (threads.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0;
+            dout.dptr(), o.dptr(), delta.dptr(), t, hq)?;
         let grid = tc_grid(max_seqlen, BWD_BN, dims.hkv, docs)?;
         // dq is summed over key blocks with fp32 atomics, then rounded once.
         let dq_acc = Tensor::zeros(q.shape(), DType::F32, &Device::Cuda(gpu.clone()))?;
@@ -421,6 +420,9 @@ pub fn attention_backward_with(
         launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; dq_acc.dptr(), dq.dptr(), n as i64)?;
         return Ok(AttentionBackward { dq, dk, dv });
     }
+    let f = gpu.function(&SOURCE, &format!("attn_bwd_delta_{sfx}"))?;
+    launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
+        dout.dptr(), o.dptr(), delta.dptr(), t, hq, d)?;
     let f = gpu.function(&SOURCE, &format!("attn_bwd_dq_simple_{sfx}"))?;
     launch!(gpu, f, (warp_grid(dims.tokens * dims.hq), 1, 1), (256, 1, 1), 0;
         dout.dptr(), q.dptr(), k.dptr(), v.dptr(), lse.dptr(), delta.dptr(), cu.dptr(),
@@ -562,8 +564,9 @@ fn cpu_backward(
         let (j, kvh) = (r / hkv, r % hkv);
         let mut ak = vec![0.0f64; d];
         let mut av = vec![0.0f64; d];
-        for h in kvh * group..(kvh + 1) * group {
-            for t in j..docs[j].1 {
+        // Token-major: the group's query rows of one token are adjacent in memory.
+        for t in j..docs[j].1 {
+            for h in kvh * group..(kvh + 1) * group {
                 let (p, ds) = p_ds(t, h, j);
                 let qr = qrow(t, h);
                 for c in 0..d {
