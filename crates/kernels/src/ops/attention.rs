@@ -7,6 +7,16 @@
 //! `[s, e)` attends to keys `s..=t` and to nothing in other documents. The forward saves the
 //! log-sum-exp of each score row (f32 `[Hq, tokens]`); the backward recomputes the scores from
 //! it, so no `tokens x tokens` matrix is ever stored.
+//!
+//! CUDA: bf16 with head_dim 64 or 128 runs FlashAttention-2-style tensor-core kernels
+//! (`mma.sync` m16n8k16, fp32 accumulation and softmax, P rounded to bf16 for the P V and
+//! dS products as FlashAttention does); f32 runs the simple one-warp-per-row kernels, which
+//! [`AttentionKernel::Simple`] also selects for bf16 as a GPU reference. Other head dims are
+//! an error on the GPU. `cu_seqlens` is validated on the host at every call: when it lives on
+//! the GPU that is one small download (a stream synchronisation); a host `cu_seqlens` is
+//! accepted too and uploaded.
+//!
+//! The CPU reference computes scores in f32, sums in f64, and rounds only the outputs.
 
 use std::sync::Arc;
 
@@ -235,6 +245,9 @@ fn gpu_head_dim(d: usize) -> Result<()> {
     ))
 }
 
+/// `o = softmax(scale * q k^T, causal within each document) v` and the row log-sum-exp.
+/// `max_seqlen` bounds the longest document (it sizes the CUDA grid); a document longer than
+/// it is an error.
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -246,6 +259,7 @@ pub fn attention_forward(
     attention_forward_with(q, k, v, cu_seqlens, max_seqlen, p, AttentionKernel::Auto)
 }
 
+/// [`attention_forward`] with a choice of CUDA kernels.
 pub fn attention_forward_with(
     q: &Tensor,
     k: &Tensor,
@@ -321,6 +335,8 @@ fn warp_grid(rows: usize) -> u32 {
     rows.div_ceil(8).max(1) as u32
 }
 
+/// dq, dk, dv from `dout`, the forward's inputs, its output `o` and its `lse`. dk and dv sum
+/// the contributions of every query head of their kv group.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dout: &Tensor,
@@ -347,6 +363,7 @@ pub fn attention_backward(
     )
 }
 
+/// [`attention_backward`] with a choice of CUDA kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_with(
     dout: &Tensor,
