@@ -72,6 +72,24 @@ extern "C" __global__ void eager_col_sum(const void* x, int xb, float* y, long r
     }
 }
 
+// y = dy * act'(x), one kernel like torch's silu_backward and gelu_backward(approximate='tanh').
+// act: 0 silu, 1 gelu (tanh approximation).
+extern "C" __global__ void eager_act_backward(const void* dy, int dyb, const void* x, int xb, void* y, int yb,
+                                              long n, int act) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = ld(x, i, xb), d;
+        if (act == 0) {
+            float s = 1.0f / (1.0f + expf(-v));
+            d = s * (1.0f + v * (1.0f - s));
+        } else {
+            const float k = 0.7978845608028654f, c = 0.044715f;
+            float t = tanhf(k * (v + c * v * v * v));
+            d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * k * (1.0f + 3.0f * c * v * v);
+        }
+        st(y, i, yb, ld(dy, i, dyb) * d);
+    }
+}
+
 // Attention's eager pieces (HF "eager" attention).
 // repeat_kv: y[t, h, :] = x[t, h / group, :] for h < hkv * group.
 extern "C" __global__ void eager_repeat_kv(const void* x, int xb, void* y, int yb, long tokens,

@@ -112,3 +112,28 @@ pub struct GpuCheck {
     pub op: &'static str,
     pub run: fn(&Arc<Gpu>, &mut Rng) -> Result<Vec<CheckLine>>,
 }
+
+/// Like [`random_pair`], for large tensors: the values are drawn on all cores (each row of
+/// `row_len` elements from its own generator seeded by `rng`), so multi-GB Llama-size inputs
+/// take a second rather than a minute.
+pub fn random_pair_par(
+    gpu: &Arc<Gpu>,
+    rng: &mut Rng,
+    shape: &[usize],
+    dtype: DType,
+    std: f32,
+) -> Result<(Tensor, Tensor)> {
+    let n: usize = shape.iter().product();
+    let row_len = shape.last().copied().unwrap_or(1).max(1);
+    let seed = rng.next_u64();
+    let mut v = vec![0.0f32; n];
+    crate::cpu::par_rows(&mut v, row_len, |r, out| {
+        let mut g = Rng::new(seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for x in out.iter_mut() {
+            *x = g.normal() * std;
+        }
+    });
+    let cpu = Tensor::from_f32_as(shape, v, dtype)?;
+    let dev = cpu.to_device(&Device::Cuda(gpu.clone()))?;
+    Ok((cpu, dev))
+}

@@ -136,6 +136,30 @@ pub fn col_sum(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// The activation whose derivative [`act_backward`] applies.
+#[derive(Clone, Copy, Debug)]
+pub enum ActGrad {
+    Silu = 0,
+    GeluTanh = 1,
+}
+
+/// `dy * act'(x)`, one kernel (torch's `silu_backward` / `gelu_backward`).
+pub fn act_backward(dy: &Tensor, x: &Tensor, act: ActGrad, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_act_backward", x)?;
+    if dy.elem_count() != x.elem_count() {
+        return Err(KernelError::shape(
+            "eager_act_backward",
+            format!("dy {:?} vs x {:?}", dy.shape(), x.shape()),
+        ));
+    }
+    let y = Tensor::uninit_cuda(&gpu, x.shape(), out)?;
+    let n = x.elem_count();
+    let f = gpu.function(&SOURCE, "eager_act_backward")?;
+    launch!(gpu, f, (grid(&gpu, n), 1, 1), (256, 1, 1), 0;
+        dy.dptr(), is_bf16(dy), x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), n as i64, act as i32)?;
+    Ok(y)
+}
+
 /// `[tokens, hkv, d]` -> `[tokens, hkv * group, d]`, each kv head repeated for its query
 /// heads (HF's `repeat_kv`).
 pub fn repeat_kv(x: &Tensor, tokens: usize, hkv: usize, group: usize, d: usize) -> Result<Tensor> {

@@ -1,8 +1,11 @@
 //! The ops. One file per op: its CUDA launcher, its CPU reference, its GPU check, its
 //! benchmark and its tests. Nothing here knows about models.
 
+pub mod activation_mul;
 pub mod attention;
 pub mod eager;
+pub mod elementwise;
+pub mod layer_norm;
 pub mod matmul;
 pub mod rms_norm;
 
@@ -15,16 +18,35 @@ use crate::error::{KernelError, Result};
 use crate::{DType, Tensor};
 
 /// Every CUDA source in the repository (CI compiles each for sm_90).
-pub const ALL_SOURCES: &[KernelSource] = &[eager::SOURCE, rms_norm::SOURCE, attention::SOURCE];
+pub const ALL_SOURCES: &[KernelSource] = &[
+    eager::SOURCE,
+    rms_norm::SOURCE,
+    activation_mul::SOURCE,
+    layer_norm::SOURCE,
+    elementwise::SOURCE,
+    attention::SOURCE,
+];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
 pub fn all_checks() -> Vec<GpuCheck> {
-    vec![matmul::CHECK, rms_norm::CHECK, attention::CHECK]
+    vec![
+        matmul::CHECK,
+        rms_norm::CHECK,
+        activation_mul::CHECK,
+        layer_norm::CHECK,
+        elementwise::CHECK,
+        attention::CHECK,
+    ]
 }
 
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
 pub fn all_benches() -> Vec<KernelBench> {
-    vec![rms_norm::BENCH, attention::BENCH]
+    vec![
+        rms_norm::BENCH,
+        activation_mul::BENCH,
+        layer_norm::BENCH,
+        attention::BENCH,
+    ]
 }
 
 pub(crate) fn expect_dtype(

@@ -1,0 +1,269 @@
+//! The whole decoder: embedding, layers, final norm, and the LM head fused into the loss.
+//! One call runs the forward and the backward of a micro-batch and accumulates the LoRA
+//! gradients; the optimizer step is separate so micro-batches can accumulate.
+
+use tigon_kernels::ops::adamw::{adamw_step, grad_norm, AdamW, AdamWTensors};
+use tigon_kernels::ops::cross_entropy::CrossEntropy;
+use tigon_kernels::ops::embedding::embedding_forward;
+use tigon_kernels::ops::fused_linear_cross_entropy::{
+    fused_linear_cross_entropy, FusedLinearCrossEntropy,
+};
+use tigon_kernels::ops::matmul::matmul;
+use tigon_kernels::ops::rms_norm::{rms_norm_backward, rms_norm_forward, RmsNorm, RmsNormKind};
+use tigon_kernels::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
+use crate::layer::{BatchCtx, Layer};
+use crate::lora::LoraState;
+use crate::spec::DecoderSpec;
+use crate::weights::BaseWeights;
+
+/// A micro-batch: one stream of tokens holding one or more documents back to back.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub input_ids: Vec<i32>,
+    /// The token each position must predict, or -100 (already shifted: see
+    /// [`Batch::from_rows`]).
+    pub targets: Vec<i32>,
+    /// Position within its document, restarting at 0.
+    pub positions: Vec<i32>,
+    /// Document boundaries over the token axis: `[0, len0, len0 + len1, ..., tokens]`.
+    pub cu_seqlens: Vec<i32>,
+}
+
+impl Batch {
+    /// From rows of HF-style `(input_ids, labels)` (labels aligned with inputs, as
+    /// transformers takes them): each row is one document; the target at position t is
+    /// label t+1 of the same row, and the last position of each row predicts nothing.
+    pub fn from_rows(rows: &[(Vec<i32>, Vec<i32>)]) -> Result<Batch> {
+        let mut b = Batch {
+            cu_seqlens: vec![0],
+            ..Default::default()
+        };
+        for (i, (ids, labels)) in rows.iter().enumerate() {
+            if ids.len() != labels.len() || ids.is_empty() {
+                return Err(EngineError::Batch(format!(
+                    "row {i}: {} input ids and {} labels",
+                    ids.len(),
+                    labels.len()
+                )));
+            }
+            b.input_ids.extend_from_slice(ids);
+            b.targets.extend(labels[1..].iter().copied().chain([-100]));
+            b.positions.extend(0..ids.len() as i32);
+            b.cu_seqlens.push(b.input_ids.len() as i32);
+        }
+        Ok(b)
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn max_seqlen(&self) -> usize {
+        self.cu_seqlens
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Targets that count in the loss.
+    pub fn n_valid(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != -100).count()
+    }
+
+    fn validate(&self, vocab: usize) -> Result<()> {
+        let n = self.tokens();
+        if n == 0 {
+            return Err(EngineError::Batch("empty batch".into()));
+        }
+        if self.targets.len() != n || self.positions.len() != n {
+            return Err(EngineError::Batch(format!(
+                "{n} input ids, {} targets, {} positions",
+                self.targets.len(),
+                self.positions.len()
+            )));
+        }
+        if self.cu_seqlens.first() != Some(&0)
+            || self.cu_seqlens.last() != Some(&(n as i32))
+            || self.cu_seqlens.windows(2).any(|w| w[1] <= w[0])
+        {
+            return Err(EngineError::Batch(format!(
+                "cu_seqlens {:?} must rise strictly from 0 to {n}",
+                self.cu_seqlens
+            )));
+        }
+        if let Some((i, &id)) = self
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+        {
+            return Err(EngineError::Batch(format!(
+                "token {i}: id {id} outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub struct Decoder {
+    pub spec: DecoderSpec,
+    pub weights: BaseWeights,
+    pub lora: LoraState,
+    pub device: Device,
+    /// Keep only each layer's input in the forward and recompute the rest in the backward.
+    pub checkpointing: bool,
+}
+
+/// The result of one micro-batch: the loss stays on the device until asked for.
+pub struct StepLoss {
+    /// f32 `[1]`: sum of token losses / the normaliser.
+    pub loss: Tensor,
+    pub n_valid: usize,
+}
+
+impl Decoder {
+    fn norm(&self) -> RmsNorm {
+        RmsNorm {
+            eps: self.spec.norm_eps,
+            kind: RmsNormKind::Llama,
+        }
+    }
+
+    fn ctx(&self, batch: &Batch) -> Result<BatchCtx> {
+        batch.validate(self.spec.vocab)?;
+        let n = batch.tokens();
+        Ok(BatchCtx {
+            tokens: n,
+            positions: Tensor::from_i32(&[n], batch.positions.clone())?.to_device(&self.device)?,
+            cu_seqlens: Tensor::from_i32(&[batch.cu_seqlens.len()], batch.cu_seqlens.clone())?
+                .to_device(&self.device)?,
+            max_seqlen: batch.max_seqlen(),
+        })
+    }
+
+    fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = Tensor::from_i32(&[batch.tokens()], batch.input_ids.clone())?
+            .to_device(&self.device)?;
+        Ok(embedding_forward(&ids, &self.weights.embed)?)
+    }
+
+    /// The final hidden states (after the last norm), no gradients.
+    pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
+        let ctx = self.ctx(batch)?;
+        let mut x = self.embed(batch)?;
+        for (i, w) in self.weights.layers.iter().enumerate() {
+            let layer = Layer { spec: &self.spec, w };
+            x = layer.forward(&self.lora.layers[i], &x, &ctx, false)?.0;
+        }
+        Ok(rms_norm_forward(&x, &self.weights.final_norm, self.norm())?.y)
+    }
+
+    /// Full logits `[tokens, vocab]` (in the compute dtype): for parity tests and small evals.
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        let h = self.hidden(batch)?;
+        Ok(matmul(&h, false, self.weights.lm_head(), true, h.dtype())?)
+    }
+
+    /// Forward and backward of one micro-batch. The loss is normalised by `num_items`
+    /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
+    /// are accumulated onto what is there.
+    pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
+        let ctx = self.ctx(batch)?;
+        let x0 = self.embed(batch)?;
+        // Inputs of every layer (the checkpoints), and everything else unless recomputing.
+        let mut inputs = vec![x0];
+        let mut saved = Vec::with_capacity(self.spec.layers);
+        for (i, w) in self.weights.layers.iter().enumerate() {
+            let layer = Layer { spec: &self.spec, w };
+            let (out, s) =
+                layer.forward(&self.lora.layers[i], &inputs[i], &ctx, !self.checkpointing)?;
+            saved.push(s);
+            inputs.push(out);
+        }
+        let last = inputs.pop().expect("one input per layer plus the output");
+        let fin = rms_norm_forward(&last, &self.weights.final_norm, self.norm())?;
+        let targets =
+            Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
+        let p = FusedLinearCrossEntropy {
+            ce: CrossEntropy {
+                num_items,
+                ..CrossEntropy::default()
+            },
+            chunk_tokens: None,
+        };
+        let loss = fused_linear_cross_entropy(&fin.y, self.weights.lm_head(), &targets, &p, None)?;
+        drop(fin.y);
+        let mut dx = rms_norm_backward(
+            &loss.dh,
+            &last,
+            &self.weights.final_norm,
+            &fin.rstd,
+            self.norm(),
+            false,
+        )?
+        .dx;
+        drop(last);
+        for i in (0..self.spec.layers).rev() {
+            let layer = Layer {
+                spec: &self.spec,
+                w: &self.weights.layers[i],
+            };
+            let x = inputs.pop().expect("layer input");
+            let s = match saved[i].take() {
+                Some(s) => s,
+                None => layer
+                    .forward(&self.lora.layers[i], &x, &ctx, true)?
+                    .1
+                    .expect("saved when asked"),
+            };
+            dx = layer.backward(&mut self.lora.layers[i], dx, &x, s, &ctx)?;
+        }
+        Ok(StepLoss {
+            loss: loss.loss,
+            n_valid: loss.n_valid,
+        })
+    }
+
+    /// Zero every LoRA gradient (start of an accumulation window).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let device = self.device.clone();
+        for (_, _, t) in self.lora.iter_mut() {
+            t.da = Tensor::zeros(t.a.shape(), DType::F32, &device)?;
+            t.db = Tensor::zeros(t.b.shape(), DType::F32, &device)?;
+        }
+        Ok(())
+    }
+
+    /// One AdamW step over every LoRA tensor, with optional clipping of the global
+    /// gradient norm; returns the norm before clipping (a device scalar) and zeroes the grads.
+    pub fn optimizer_step(&mut self, step: u64, p: &AdamW, max_grad_norm: Option<f32>) -> Result<Tensor> {
+        let norm = {
+            let grads: Vec<&Tensor> = self
+                .lora
+                .iter()
+                .flat_map(|(_, _, t)| [&t.da, &t.db])
+                .collect();
+            grad_norm(&grads)?
+        };
+        let mut tensors = Vec::new();
+        for (_, _, t) in self.lora.iter_mut() {
+            tensors.push(AdamWTensors {
+                param: &mut t.a,
+                grad: &mut t.da,
+                m: &mut t.ma,
+                v: &mut t.va,
+            });
+            tensors.push(AdamWTensors {
+                param: &mut t.b,
+                grad: &mut t.db,
+                m: &mut t.mb,
+                v: &mut t.vb,
+            });
+        }
+        adamw_step(&mut tensors, step, p, max_grad_norm.map(|m| (m, &norm)), true)?;
+        Ok(norm)
+    }
+}

@@ -1,0 +1,279 @@
+//! One decoder layer, forward and backward, written out op by op (llm.c style).
+//!
+//! ```text
+//! h1 = rms_norm(x)                     saved: h1, rstd1
+//! q, k, v = h1 Wq/Wk/Wv (+ LoRA, + bias)  saved: the LoRA inputs' x A^T
+//! q, k = head_norm(q, k)  (Qwen3)        saved: pre-norm q, k and their rstd
+//! q, k = rope(q, k)                      in place
+//! a = attention(q, k, v)                 saved: q, k, v, a, lse
+//! x2 = x + a Wo                          saved: x2
+//! h2 = rms_norm(x2)                      saved: h2, rstd2
+//! g, u = h2 Wg, h2 Wu                    saved: g, u
+//! m = silu(g) * u                        saved: m
+//! out = x2 + m Wd
+//! ```
+//! The layer input `x` is kept by the caller (it is the activation checkpoint). With
+//! checkpointing the forward runs twice: once keeping nothing, then again just before this
+//! layer's backward.
+
+use tigon_kernels::ops::activation_mul::{gated_act_backward, gated_act_forward, GatedAct};
+use tigon_kernels::ops::attention::{attention_backward, attention_forward, Attention};
+use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
+use tigon_kernels::ops::lora_linear::{lora_linear_backward, lora_linear_forward, LoraLinear};
+use tigon_kernels::ops::matmul::matmul;
+use tigon_kernels::ops::rms_norm::{rms_norm_backward, rms_norm_forward, RmsNorm, RmsNormKind};
+use tigon_kernels::ops::rope::{rope_backward, rope_forward};
+use tigon_kernels::Tensor;
+
+use crate::error::Result;
+use crate::lora::LoraTensors;
+use crate::spec::{DecoderSpec, Proj};
+use crate::weights::LayerWeights;
+
+/// Per-batch inputs every layer shares, already on the device.
+pub struct BatchCtx {
+    pub tokens: usize,
+    pub positions: Tensor,
+    pub cu_seqlens: Tensor,
+    pub max_seqlen: usize,
+}
+
+/// What one layer's backward needs from its forward.
+pub struct Saved {
+    h1: Tensor,
+    rstd1: Tensor,
+    xa: [Option<Tensor>; 7],
+    head_norm: Option<HeadNormSaved>,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    lse: Tensor,
+    x2: Tensor,
+    h2: Tensor,
+    rstd2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+struct HeadNormSaved {
+    q_pre: Tensor,
+    q_rstd: Tensor,
+    k_pre: Tensor,
+    k_rstd: Tensor,
+}
+
+pub struct Layer<'a> {
+    pub spec: &'a DecoderSpec,
+    pub w: &'a LayerWeights,
+}
+
+pub type LayerLora = [Option<LoraTensors>; 7];
+
+fn norm(spec: &DecoderSpec) -> RmsNorm {
+    RmsNorm {
+        eps: spec.norm_eps,
+        kind: RmsNormKind::Llama,
+    }
+}
+
+impl Layer<'_> {
+    fn attention(&self) -> Attention {
+        let s = self.spec;
+        Attention {
+            q_heads: s.q_heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            softmax_scale: 1.0 / (s.head_dim as f32).sqrt(),
+        }
+    }
+
+    /// `x W^T (+ bias) + s (x A^T) B^T`; returns the output and, with LoRA, `x A^T`.
+    fn project(&self, lora: &LayerLora, p: Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let w = &self.w.proj[p.index()];
+        let bias = match (&self.w.qkv_bias, p) {
+            (Some(b), Proj::Q) => Some(&b[0]),
+            (Some(b), Proj::K) => Some(&b[1]),
+            (Some(b), Proj::V) => Some(&b[2]),
+            _ => None,
+        };
+        match &lora[p.index()] {
+            Some(l) => {
+                let layer = LoraLinear {
+                    w,
+                    bias,
+                    a: &l.a,
+                    b: &l.b,
+                    scaling: l.scaling,
+                };
+                let out = lora_linear_forward(&layer, x, None)?;
+                Ok((out.y, Some(out.xa)))
+            }
+            None => {
+                let mut y = matmul(x, false, w, true, x.dtype())?;
+                if let Some(b) = bias {
+                    add_bias_inplace(&mut y, b)?;
+                }
+                Ok((y, None))
+            }
+        }
+    }
+
+    /// The input gradient of a projection, accumulating its LoRA gradients.
+    fn project_backward(
+        &self,
+        p: Proj,
+        lora: &mut LayerLora,
+        dy: &Tensor,
+        x: &Tensor,
+        xa: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let w = &self.w.proj[p.index()];
+        match (&mut lora[p.index()], xa) {
+            (Some(l), Some(xa)) => {
+                let layer = LoraLinear {
+                    w,
+                    bias: None,
+                    a: &l.a,
+                    b: &l.b,
+                    scaling: l.scaling,
+                };
+                let dx = lora_linear_backward(&layer, dy, x, xa, &mut l.da, &mut l.db, true)?;
+                Ok(dx.expect("need_dx was set"))
+            }
+            _ => Ok(matmul(dy, false, w, false, dy.dtype())?),
+        }
+    }
+
+    fn head_norm_forward(&self, t: Tensor, which: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = self.spec;
+        let w = &self.w.qk_norm.as_ref().expect("qk_norm weights")[which];
+        let shape = t.shape().to_vec();
+        let rows = t.elem_count() / s.head_dim;
+        let pre = t.reshape(&[rows, s.head_dim])?;
+        let out = rms_norm_forward(&pre, w, norm(s))?;
+        Ok((out.y.reshape(&shape)?, pre, out.rstd))
+    }
+
+    fn head_norm_backward(&self, d: Tensor, pre: &Tensor, rstd: &Tensor, which: usize) -> Result<Tensor> {
+        let s = self.spec;
+        let w = &self.w.qk_norm.as_ref().expect("qk_norm weights")[which];
+        let shape = d.shape().to_vec();
+        let d = d.reshape(pre.shape())?;
+        let out = rms_norm_backward(&d, pre, w, rstd, norm(s), false)?;
+        Ok(out.dx.reshape(&shape)?)
+    }
+
+    /// The layer's output, and what its backward needs when `save` is set.
+    pub fn forward(&self, lora: &LayerLora, x: &Tensor, ctx: &BatchCtx, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        let s = self.spec;
+        let n1 = rms_norm_forward(x, &self.w.input_norm, norm(s))?;
+        let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
+        let (k, xa_k) = self.project(lora, Proj::K, &n1.y)?;
+        let (v, xa_v) = self.project(lora, Proj::V, &n1.y)?;
+        let (mut q, mut k, head_norm) = if self.w.qk_norm.is_some() {
+            let (q, q_pre, q_rstd) = self.head_norm_forward(q, 0)?;
+            let (k, k_pre, k_rstd) = self.head_norm_forward(k, 1)?;
+            (q, k, Some(HeadNormSaved { q_pre, q_rstd, k_pre, k_rstd }))
+        } else {
+            (q, k, None)
+        };
+        rope_forward(&mut q, &mut k, &ctx.positions, &s.rope)?;
+        let att = attention_forward(&q, &k, &v, &ctx.cu_seqlens, ctx.max_seqlen, &self.attention())?;
+        let (mut x2, xa_o) = self.project(lora, Proj::O, &att.o)?;
+        add_inplace(&mut x2, x, 1.0)?;
+        let n2 = rms_norm_forward(&x2, &self.w.post_norm, norm(s))?;
+        let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
+        let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
+        let act = gated_act_forward(&gate, &up, GatedAct::Silu)?;
+        let (mut out, xa_d) = self.project(lora, Proj::Down, &act)?;
+        add_inplace(&mut out, &x2, 1.0)?;
+        let saved = save.then(|| Saved {
+            h1: n1.y,
+            rstd1: n1.rstd,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            head_norm,
+            q,
+            k,
+            v,
+            attn: att.o,
+            lse: att.lse,
+            x2,
+            h2: n2.y,
+            rstd2: n2.rstd,
+            gate,
+            up,
+            act,
+        });
+        Ok((out, saved))
+    }
+
+    /// From the gradient at the layer's output to the gradient at its input `x`,
+    /// accumulating the LoRA gradients into `lora`.
+    pub fn backward(
+        &self,
+        lora: &mut LayerLora,
+        dout: Tensor,
+        x: &Tensor,
+        saved: Saved,
+        ctx: &BatchCtx,
+    ) -> Result<Tensor> {
+        let s = self.spec;
+        let Saved {
+            h1,
+            rstd1,
+            xa,
+            head_norm,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x2,
+            h2,
+            rstd2,
+            mut gate,
+            mut up,
+            act,
+        } = saved;
+        let dact = self.project_backward(Proj::Down, lora, &dout, &act, xa[6].as_ref())?;
+        drop(act);
+        gated_act_backward(&dact, &mut gate, &mut up, GatedAct::Silu)?;
+        drop(dact);
+        let mut dh2 = self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
+        let dh2_up = self.project_backward(Proj::Up, lora, &up, &h2, xa[5].as_ref())?;
+        add_inplace(&mut dh2, &dh2_up, 1.0)?;
+        drop((gate, up, dh2_up, h2));
+        let mut dx2 = rms_norm_backward(&dh2, &x2, &self.w.post_norm, &rstd2, norm(s), false)?.dx;
+        add_inplace(&mut dx2, &dout, 1.0)?;
+        drop((dh2, dout, x2));
+        let dattn = self.project_backward(Proj::O, lora, &dx2, &attn, xa[3].as_ref())?;
+        let g = attention_backward(
+            &dattn,
+            &q,
+            &k,
+            &v,
+            &attn,
+            &lse,
+            &ctx.cu_seqlens,
+            ctx.max_seqlen,
+            &self.attention(),
+        )?;
+        drop((dattn, attn, lse, q, k, v));
+        let (mut dq, mut dk, dv) = (g.dq, g.dk, g.dv);
+        rope_backward(&mut dq, &mut dk, &ctx.positions, &s.rope)?;
+        if let Some(hn) = &head_norm {
+            dq = self.head_norm_backward(dq, &hn.q_pre, &hn.q_rstd, 0)?;
+            dk = self.head_norm_backward(dk, &hn.k_pre, &hn.k_rstd, 1)?;
+        }
+        let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
+        let dh1_k = self.project_backward(Proj::K, lora, &dk, &h1, xa[1].as_ref())?;
+        add_inplace(&mut dh1, &dh1_k, 1.0)?;
+        let dh1_v = self.project_backward(Proj::V, lora, &dv, &h1, xa[2].as_ref())?;
+        add_inplace(&mut dh1, &dh1_v, 1.0)?;
+        let mut dx = rms_norm_backward(&dh1, x, &self.w.input_norm, &rstd1, norm(s), false)?.dx;
+        add_inplace(&mut dx, &dx2, 1.0)?;
+        Ok(dx)
+    }
+}
