@@ -159,3 +159,57 @@ extern "C" __global__ void eager_sqrt(const void* x, int xb, void* y, int yb, lo
         st(y, i, yb, sqrtf(ld(x, i, xb)));
     }
 }
+
+// Attention's eager pieces (HF "eager" attention).
+// repeat_kv: y[t, h, :] = x[t, h / group, :] for h < hkv * group.
+extern "C" __global__ void eager_repeat_kv(const void* x, int xb, void* y, int yb, long tokens,
+                                           int hkv, int group, int d) {
+    const long n = tokens * hkv * group * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long c = i % d, th = i / d, t = th / (hkv * group), h = th % (hkv * group);
+        st(y, i, yb, ld(x, (t * hkv + h / group) * d + c, xb));
+    }
+}
+
+// y[t, kvh, :] = sum over the group's heads of x[t, kvh * group + j, :] (repeat_kv's backward).
+extern "C" __global__ void eager_group_sum(const void* x, int xb, void* y, int yb, long tokens,
+                                           int hkv, int group, int d) {
+    const long n = tokens * hkv * d;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long c = i % d, tk = i / d;
+        float acc = 0.0f;
+        for (int j = 0; j < group; j++) acc += ld(x, (tk * group + j) * d + c, xb);
+        st(y, i, yb, acc);
+    }
+}
+
+// Causal softmax over rows of square [n, n] matrices stacked along the rows: row r masks the
+// columns past r % n. f32 arithmetic; one block per row.
+extern "C" __global__ void eager_causal_softmax(const void* s, int sb, void* p, int pb, long rows, long n) {
+    __shared__ float scratch[32];
+    for (long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const long off = row * n, last = row % n;
+        float mx = NEG_INF;
+        for (long c = threadIdx.x; c <= last; c += blockDim.x) mx = fmaxf(mx, ld(s, off + c, sb));
+        mx = block_max(mx, scratch);
+        float sum = 0.0f;
+        for (long c = threadIdx.x; c <= last; c += blockDim.x) sum += expf(ld(s, off + c, sb) - mx);
+        sum = block_sum(sum, scratch);
+        for (long c = threadIdx.x; c < n; c += blockDim.x)
+            st(p, off + c, pb, c <= last ? expf(ld(s, off + c, sb) - mx) / sum : 0.0f);
+    }
+}
+
+// Softmax backward by rows: ds = p * (dp - sum(p * dp)). One block per row.
+extern "C" __global__ void eager_softmax_backward(const void* p, int pb, const void* dp, int dpb,
+                                                  void* ds, int dsb, long rows, long n) {
+    __shared__ float scratch[32];
+    for (long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const long off = row * n;
+        float dot = 0.0f;
+        for (long c = threadIdx.x; c < n; c += blockDim.x) dot += ld(p, off + c, pb) * ld(dp, off + c, dpb);
+        dot = block_sum(dot, scratch);
+        for (long c = threadIdx.x; c < n; c += blockDim.x)
+            st(ds, off + c, dsb, ld(p, off + c, pb) * (ld(dp, off + c, dpb) - dot));
+    }
+}

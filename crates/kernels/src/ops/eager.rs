@@ -279,3 +279,53 @@ pub fn sqrt(x: &Tensor, out: DType) -> Result<Tensor> {
         x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), n as i64)?;
     Ok(y)
 }
+
+/// `[tokens, hkv, d]` -> `[tokens, hkv * group, d]`, each kv head repeated for its query
+/// heads (HF's `repeat_kv`).
+pub fn repeat_kv(x: &Tensor, tokens: usize, hkv: usize, group: usize, d: usize) -> Result<Tensor> {
+    let gpu = gpu_of("eager_repeat_kv", x)?;
+    let y = Tensor::uninit_cuda(&gpu, &[tokens, hkv * group, d], x.dtype())?;
+    let f = gpu.function(&SOURCE, "eager_repeat_kv")?;
+    launch!(gpu, f, (grid(&gpu, y.elem_count()), 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), tokens as i64, hkv as i32, group as i32,
+        d as i32)?;
+    Ok(y)
+}
+
+/// The backward of [`repeat_kv`]: `[tokens, hkv * group, d]` -> `[tokens, hkv, d]`, summing
+/// each group's heads.
+pub fn group_sum(x: &Tensor, tokens: usize, hkv: usize, group: usize, d: usize) -> Result<Tensor> {
+    let gpu = gpu_of("eager_group_sum", x)?;
+    let y = Tensor::uninit_cuda(&gpu, &[tokens, hkv, d], x.dtype())?;
+    let f = gpu.function(&SOURCE, "eager_group_sum")?;
+    launch!(gpu, f, (grid(&gpu, y.elem_count()), 1, 1), (256, 1, 1), 0;
+        x.dptr(), is_bf16(x), y.dptr(), is_bf16(&y), tokens as i64, hkv as i32, group as i32,
+        d as i32)?;
+    Ok(y)
+}
+
+/// Causal softmax over a stack of square `[n, n]` score matrices (rows folded), in f32,
+/// output in `out`.
+pub fn causal_softmax(s: &Tensor, n: usize, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_causal_softmax", s)?;
+    let p = Tensor::uninit_cuda(&gpu, s.shape(), out)?;
+    let rows = s.elem_count() / n.max(1);
+    let f = gpu.function(&SOURCE, "eager_causal_softmax")?;
+    let blocks = rows.clamp(1, gpu.sm_count() * 16) as u32;
+    launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
+        s.dptr(), is_bf16(s), p.dptr(), is_bf16(&p), rows as i64, n as i64)?;
+    Ok(p)
+}
+
+/// Softmax backward by rows of length `n`: `ds = p * (dp - rowsum(p * dp))`.
+pub fn softmax_backward(p: &Tensor, dp: &Tensor, n: usize, out: DType) -> Result<Tensor> {
+    let gpu = gpu_of("eager_softmax_backward", p)?;
+    let ds = Tensor::uninit_cuda(&gpu, p.shape(), out)?;
+    let rows = p.elem_count() / n.max(1);
+    let f = gpu.function(&SOURCE, "eager_softmax_backward")?;
+    let blocks = rows.clamp(1, gpu.sm_count() * 16) as u32;
+    launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
+        p.dptr(), is_bf16(p), dp.dptr(), is_bf16(dp), ds.dptr(), is_bf16(&ds), rows as i64,
+        n as i64)?;
+    Ok(ds)
+}

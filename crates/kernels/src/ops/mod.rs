@@ -3,13 +3,13 @@
 
 pub mod activation_mul;
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod eager;
 pub mod elementwise;
 pub mod embedding;
 pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
-pub mod lora_linear;
 pub mod lora_linear;
 pub mod matmul;
 pub mod rms_norm;
@@ -35,6 +35,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     cross_entropy::SOURCE,
     lora_linear::SOURCE,
     adamw::SOURCE,
+    attention::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -52,6 +53,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         lora_linear::CHECK,
         lora_linear::MERGE_CHECK,
         adamw::CHECK,
+        attention::CHECK,
     ]
 }
 
@@ -67,6 +69,7 @@ pub fn all_benches() -> Vec<KernelBench> {
         fused_linear_cross_entropy::BENCH,
         lora_linear::BENCH,
         adamw::BENCH,
+        attention::BENCH,
     ]
 }
 
