@@ -11,6 +11,8 @@ pub mod config;
 pub mod error;
 #[allow(dead_code)] // TEMP: the writers are used by weights and lora (next commits)
 mod io;
+pub mod weights;
 
 pub use config::{Architecture, ModelConfig, Projection, RopeScaling};
 pub use error::{ModelError, Result};
+pub use weights::{random_model, ModelWeights, Weights};
