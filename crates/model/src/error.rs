@@ -87,7 +87,6 @@ pub enum ModelError {
     Kernel(#[from] KernelError),
 }
 
-#[allow(dead_code)] // TEMP: used by weights and lora (next commits)
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         ModelError::Io {

@@ -9,10 +9,14 @@
 
 pub mod config;
 pub mod error;
-#[allow(dead_code)] // TEMP: the writers are used by weights and lora (next commits)
 mod io;
+pub mod lora;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig, Projection, RopeScaling};
 pub use error::{ModelError, Result};
+pub use lora::{
+    export_merged, merge_into, unmerge_from, Adapter, AdapterSet, LoraConfig, LoraInit, LoraModule,
+    LoraTarget, TargetModules,
+};
 pub use weights::{random_model, ModelWeights, Weights};
