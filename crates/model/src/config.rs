@@ -1185,4 +1185,104 @@ mod tests {
         assert_eq!(f.len(), 64);
         assert!(((f[1] as f64) - 1.0 / 500000f64.powf(2.0 / 128.0)).abs() < 1e-6);
     }
+
+    /// config.json files as transformers 5.17 writes them (`dtype`, `rope_parameters`,
+    /// `layer_types`, null token ids).
+    #[test]
+    fn transformers_v5_configs_parse() {
+        let c = parse(TRANSFORMERS_V5_LLAMA).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            })
+        );
+        assert_eq!(
+            (c.head_dim, c.torch_dtype.as_deref()),
+            (16, Some("bfloat16"))
+        );
+        assert_eq!(c.pad_token_id, None);
+        let q = parse(TRANSFORMERS_V5_QWEN2).unwrap();
+        assert_eq!(q.architecture, Architecture::Qwen2);
+        assert!(q.tie_word_embeddings && q.qkv_bias && q.bos_token_id.is_empty());
+        assert_eq!((q.rope_theta, q.rope_scaling.clone()), (10000.0, None));
+        assert_eq!(q.sliding_window, None);
+    }
+
+    const TRANSFORMERS_V5_LLAMA: &str = r#"{
+  "architectures": [
+    "LlamaForCausalLM"
+  ],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 1,
+  "dtype": "bfloat16",
+  "eos_token_id": 2,
+  "head_dim": 16,
+  "hidden_act": "silu",
+  "hidden_size": 96,
+  "initializer_range": 0.02,
+  "intermediate_size": 168,
+  "max_position_embeddings": 512,
+  "mlp_bias": false,
+  "model_type": "llama",
+  "num_attention_heads": 6,
+  "num_hidden_layers": 2,
+  "num_key_value_heads": 2,
+  "pad_token_id": null,
+  "pretraining_tp": 1,
+  "rms_norm_eps": 1e-06,
+  "rope_parameters": {
+    "factor": 8.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+    "rope_type": "llama3"
+  },
+  "tie_word_embeddings": false,
+  "transformers_version": "5.17.0",
+  "use_cache": true,
+  "vocab_size": 251
+}"#;
+
+    const TRANSFORMERS_V5_QWEN2: &str = r#"{
+  "architectures": [
+    "Qwen2ForCausalLM"
+  ],
+  "attention_dropout": 0.0,
+  "bos_token_id": null,
+  "dtype": "bfloat16",
+  "eos_token_id": null,
+  "hidden_act": "silu",
+  "hidden_size": 64,
+  "initializer_range": 0.02,
+  "intermediate_size": 136,
+  "layer_types": [
+    "full_attention",
+    "full_attention"
+  ],
+  "max_position_embeddings": 32768,
+  "max_window_layers": 28,
+  "model_type": "qwen2",
+  "num_attention_heads": 4,
+  "num_hidden_layers": 2,
+  "num_key_value_heads": 2,
+  "pad_token_id": null,
+  "rms_norm_eps": 1e-06,
+  "rope_parameters": {
+    "rope_theta": 10000.0,
+    "rope_type": "default"
+  },
+  "sliding_window": null,
+  "tie_word_embeddings": true,
+  "transformers_version": "5.17.0",
+  "use_cache": true,
+  "use_sliding_window": false,
+  "vocab_size": 211
+}"#;
 }

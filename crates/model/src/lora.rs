@@ -2147,4 +2147,81 @@ mod tests {
         assert_eq!(std::fs::read_dir(out2.path()).unwrap().count(), 0);
         assert!(export_merged(base.path(), &[&a], base.path()).is_err());
     }
+
+    /// adapter_config.json as PEFT 0.21 writes it: target_modules expanded to full module
+    /// names, many fields we ignore.
+    #[test]
+    fn parses_peft_0_21_config_with_full_module_names() {
+        let c = parse(PEFT_0_21_CONFIG).unwrap();
+        let t = c.resolve(&ModelConfig::tiny_qwen2()).unwrap();
+        assert_eq!(t.len(), 14);
+        let get = |m: &str| t.iter().find(|x| x.module == m).unwrap();
+        assert_eq!(get("model.layers.0.self_attn.o_proj").r, 2);
+        assert_eq!(get("model.layers.1.mlp.down_proj").alpha, 3.0);
+        assert_eq!(get("model.layers.0.mlp.down_proj").alpha, 8.0);
+        assert_eq!(c.init_lora_weights, LoraInit::Random);
+    }
+
+    const PEFT_0_21_CONFIG: &str = r#"{
+  "alora_invocation_tokens": null,
+  "alpha_pattern": {
+    "layers.1.mlp.down_proj": 3.0
+  },
+  "arrow_config": null,
+  "auto_mapping": null,
+  "base_model_name_or_path": "qwen2/base",
+  "bias": "none",
+  "corda_config": null,
+  "ensure_weight_tying": false,
+  "eva_config": null,
+  "exclude_modules": null,
+  "fan_in_fan_out": false,
+  "inference_mode": true,
+  "init_lora_weights": false,
+  "kasa_config": null,
+  "layer_replication": null,
+  "layers_pattern": null,
+  "layers_to_transform": null,
+  "loftq_config": {},
+  "lora_alpha": 8,
+  "lora_bias": false,
+  "lora_dropout": 0.0,
+  "lora_ga_config": null,
+  "megatron_config": null,
+  "megatron_core": "megatron.core",
+  "modules_to_save": null,
+  "monteclora_config": null,
+  "peft_type": "LORA",
+  "peft_version": "0.21.0",
+  "qalora_group_size": 16,
+  "r": 4,
+  "rank_pattern": {
+    "o_proj": 2
+  },
+  "revision": null,
+  "target_modules": [
+    "model.layers.0.self_attn.k_proj",
+    "model.layers.1.mlp.up_proj",
+    "model.layers.1.mlp.down_proj",
+    "model.layers.0.mlp.up_proj",
+    "model.layers.1.mlp.gate_proj",
+    "model.layers.0.mlp.gate_proj",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.k_proj",
+    "model.layers.1.self_attn.v_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.0.self_attn.o_proj",
+    "model.layers.1.self_attn.o_proj",
+    "model.layers.0.mlp.down_proj"
+  ],
+  "target_parameters": null,
+  "task_type": "CAUSAL_LM",
+  "trainable_token_indices": null,
+  "use_bdlora": null,
+  "use_dora": false,
+  "use_qalora": false,
+  "use_rslora": false,
+  "velora_config": null
+}"#;
 }
