@@ -6,6 +6,7 @@
 //! Data flows one way: files -> [`data::Example`]s -> packed rows -> micro-batches.
 
 pub mod data;
+pub mod packing;
 pub mod rng;
 pub mod template;
 pub mod tokenizer;
@@ -13,6 +14,9 @@ pub mod tokenizer;
 pub use data::{
     load_jsonl, load_jsonl_bytes, load_jsonl_files, split_holdout, BadLinePolicy, DataError,
     DataFormat, DataOptions, DataStats, Dataset, Example, TooLongPolicy, IGNORE_INDEX,
+};
+pub use packing::{
+    pack_best_fit, DataLoader, LoaderOptions, LoaderPosition, PackError, PackedBatch,
 };
 pub use template::{ChatTemplate, Message, Role, TemplateError};
 pub use tokenizer::{Tokenizer, TokenizerConfig, TokenizerError};
