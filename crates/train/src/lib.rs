@@ -6,6 +6,7 @@
 //! Data flows one way: files -> [`data::Example`]s -> packed rows -> micro-batches.
 
 pub mod data;
+pub mod demo_data;
 pub mod packing;
 pub mod rng;
 pub mod template;
@@ -15,6 +16,7 @@ pub use data::{
     load_jsonl, load_jsonl_bytes, load_jsonl_files, split_holdout, BadLinePolicy, DataError,
     DataFormat, DataOptions, DataStats, Dataset, Example, TooLongPolicy, IGNORE_INDEX,
 };
+pub use demo_data::{build_demo, DemoConfig, DemoData, DemoStyle, DemoTask, EvalPrompt};
 pub use packing::{
     pack_best_fit, DataLoader, LoaderOptions, LoaderPosition, PackError, PackedBatch,
 };
