@@ -1002,6 +1002,57 @@ mod tests {
         assert_eq!(ex.label_tokens(), 3, "'hello', 'Ġworld', '<|eot_id|>'");
     }
 
+    /// A Mistral-style template (alternation check, `[INST]`, EOS after answers) on a
+    /// sentencepiece-style tokenizer with byte fallback.
+    #[test]
+    fn chat_with_mistral_style_template_and_sentencepiece_tokenizer() {
+        let template = "{{ bos_token }}{% for message in messages %}\
+{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}\
+{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}\
+{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}";
+        let config = TokenizerConfig {
+            bos_token: Some("<s>".into()),
+            eos_token: Some("</s>".into()),
+            add_bos_token: Some(true),
+            chat_template: Some(template.into()),
+            ..Default::default()
+        };
+        let tok = Tokenizer::from_json_str(
+            "tokenizer.json",
+            &crate::tokenizer::tests::llama2_like_json(),
+            config,
+        )
+        .unwrap();
+        let ds = load_jsonl_bytes(
+            "m.jsonl",
+            br#"{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]}
+{"messages": [{"role": "assistant", "content": "hello"}]}"#,
+            &tok,
+            &DataOptions {
+                bad_lines: BadLinePolicy::Skip,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ex = &ds.examples[0];
+        assert_eq!(
+            tok.decode(&ex.input_ids, false).unwrap(),
+            // The normalizer's prepended '▁' shows as a space, as in transformers.
+            "<s> [INST] hello [/INST]hello world</s>"
+        );
+        assert_eq!(
+            ex.input_ids.iter().filter(|&&i| i == 1).count(),
+            1,
+            "one BOS"
+        );
+        assert_eq!(trained_text(&tok, ex), "hello world</s>");
+        assert_eq!(
+            ds.skipped[0].to_string(),
+            "m.jsonl:2: chat template raised: Conversation roles must alternate user/assistant"
+        );
+    }
+
     #[test]
     fn truncate_and_drop_are_counted() {
         let tok = char_tok();

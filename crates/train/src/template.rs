@@ -597,6 +597,70 @@ pub(crate) mod tests {
         assert!(!e.to_string().contains('\n'));
     }
 
+    /// Shaped like Llama 3.1's template: whitespace control, `is defined`, `strftime_now`,
+    /// reassigning `messages` to a slice, a system block the template writes itself.
+    const LLAMA31_LIKE: &str = r#"{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- set date_string = strftime_now("%d %b %Y") %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{%- set ns = namespace(turns=0) %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- set ns.turns = ns.turns + 1 %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+{{- '' if ns.turns > 0 else raise_exception('no turns') }}"#;
+
+    #[test]
+    fn llama31_like_template() {
+        let t = ChatTemplate::new(
+            LLAMA31_LIKE,
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+            &["<|eot_id|>".to_string()],
+        )
+        .unwrap();
+        let r = t.render_with_assistant_spans(&convo()).unwrap();
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let date = strftime("%d %b %Y", secs);
+        assert_eq!(
+            r.text,
+            format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
+Today Date: {date}\n\nBe brief.<|eot_id|>\
+<|start_header_id|>user<|end_header_id|>\n\nSay hi<|eot_id|>\
+<|start_header_id|>assistant<|end_header_id|>\n\nhi<|eot_id|>\
+<|start_header_id|>user<|end_header_id|>\n\nAgain?<|eot_id|>\
+<|start_header_id|>assistant<|end_header_id|>\n\nhi again<|eot_id|>"
+            )
+        );
+        let spans: Vec<&str> = r
+            .assistant_spans
+            .iter()
+            .map(|s| &r.text[s.clone()])
+            .collect();
+        assert_eq!(spans, ["hi<|eot_id|>", "hi again<|eot_id|>"]);
+        assert_eq!(
+            t.render(&convo()[..1], false).unwrap_err(),
+            TemplateError::Raised("no turns".into())
+        );
+    }
+
     #[test]
     fn tojson_indent_and_strftime() {
         let t = ChatTemplate::new("{{ messages | tojson(indent=2) }}", "", "", &[]).unwrap();
