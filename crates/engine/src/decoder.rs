@@ -16,7 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::layer::{BatchCtx, Layer};
 use crate::lora::LoraState;
 use crate::spec::DecoderSpec;
-use crate::weights::BaseWeights;
+use tigon_model::ModelWeights;
 
 /// A micro-batch: one stream of tokens holding one or more documents back to back.
 #[derive(Clone, Debug, Default)]
@@ -73,7 +73,8 @@ impl Batch {
         self.targets.iter().filter(|&&t| t != -100).count()
     }
 
-    fn validate(&self, vocab: usize) -> Result<()> {
+    fn validate(&self, spec: &DecoderSpec) -> Result<()> {
+        let vocab = spec.vocab;
         let n = self.tokens();
         if n == 0 {
             return Err(EngineError::Batch("empty batch".into()));
@@ -104,13 +105,22 @@ impl Batch {
                 "token {i}: id {id} outside the vocabulary of {vocab}"
             )));
         }
+        if let Some(w) = spec.sliding_window {
+            if self.max_seqlen() > w {
+                return Err(EngineError::Batch(format!(
+                    "a document of {} tokens is longer than the model's sliding window of {w}, \
+                     which the attention kernel does not implement",
+                    self.max_seqlen()
+                )));
+            }
+        }
         Ok(())
     }
 }
 
 pub struct Decoder {
     pub spec: DecoderSpec,
-    pub weights: BaseWeights,
+    pub weights: ModelWeights,
     pub lora: LoraState,
     pub device: Device,
     /// Keep only each layer's input in the forward and recompute the rest in the backward.
@@ -125,6 +135,27 @@ pub struct StepLoss {
 }
 
 impl Decoder {
+    /// A decoder over loaded base weights with the LoRA state `lora` (or
+    /// [`LoraState::empty`]), on the device the weights are on.
+    pub fn new(weights: ModelWeights, lora: LoraState) -> Result<Decoder> {
+        let spec = DecoderSpec::from_config(&weights.config);
+        if lora.layers.len() != spec.layers {
+            return Err(EngineError::Lora(format!(
+                "LoRA state for {} layers on a model of {}",
+                lora.layers.len(),
+                spec.layers
+            )));
+        }
+        let device = weights.embed_tokens.device();
+        Ok(Decoder {
+            spec,
+            weights,
+            lora,
+            device,
+            checkpointing: false,
+        })
+    }
+
     fn norm(&self) -> RmsNorm {
         RmsNorm {
             eps: self.spec.norm_eps,
@@ -133,7 +164,7 @@ impl Decoder {
     }
 
     fn ctx(&self, batch: &Batch) -> Result<BatchCtx> {
-        batch.validate(self.spec.vocab)?;
+        batch.validate(&self.spec)?;
         let n = batch.tokens();
         Ok(BatchCtx {
             tokens: n,
@@ -147,7 +178,7 @@ impl Decoder {
     fn embed(&self, batch: &Batch) -> Result<Tensor> {
         let ids = Tensor::from_i32(&[batch.tokens()], batch.input_ids.clone())?
             .to_device(&self.device)?;
-        Ok(embedding_forward(&ids, &self.weights.embed)?)
+        Ok(embedding_forward(&ids, &self.weights.embed_tokens)?)
     }
 
     /// The final hidden states (after the last norm), no gradients.
@@ -155,10 +186,13 @@ impl Decoder {
         let ctx = self.ctx(batch)?;
         let mut x = self.embed(batch)?;
         for (i, w) in self.weights.layers.iter().enumerate() {
-            let layer = Layer { spec: &self.spec, w };
+            let layer = Layer {
+                spec: &self.spec,
+                w,
+            };
             x = layer.forward(&self.lora.layers[i], &x, &ctx, false)?.0;
         }
-        Ok(rms_norm_forward(&x, &self.weights.final_norm, self.norm())?.y)
+        Ok(rms_norm_forward(&x, &self.weights.norm, self.norm())?.y)
     }
 
     /// Full logits `[tokens, vocab]` (in the compute dtype): for parity tests and small evals.
@@ -177,14 +211,17 @@ impl Decoder {
         let mut inputs = vec![x0];
         let mut saved = Vec::with_capacity(self.spec.layers);
         for (i, w) in self.weights.layers.iter().enumerate() {
-            let layer = Layer { spec: &self.spec, w };
+            let layer = Layer {
+                spec: &self.spec,
+                w,
+            };
             let (out, s) =
                 layer.forward(&self.lora.layers[i], &inputs[i], &ctx, !self.checkpointing)?;
             saved.push(s);
             inputs.push(out);
         }
         let last = inputs.pop().expect("one input per layer plus the output");
-        let fin = rms_norm_forward(&last, &self.weights.final_norm, self.norm())?;
+        let fin = rms_norm_forward(&last, &self.weights.norm, self.norm())?;
         let targets =
             Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
         let p = FusedLinearCrossEntropy {
@@ -199,7 +236,7 @@ impl Decoder {
         let mut dx = rms_norm_backward(
             &loss.dh,
             &last,
-            &self.weights.final_norm,
+            &self.weights.norm,
             &fin.rstd,
             self.norm(),
             false,
@@ -239,7 +276,12 @@ impl Decoder {
 
     /// One AdamW step over every LoRA tensor, with optional clipping of the global
     /// gradient norm; returns the norm before clipping (a device scalar) and zeroes the grads.
-    pub fn optimizer_step(&mut self, step: u64, p: &AdamW, max_grad_norm: Option<f32>) -> Result<Tensor> {
+    pub fn optimizer_step(
+        &mut self,
+        step: u64,
+        p: &AdamW,
+        max_grad_norm: Option<f32>,
+    ) -> Result<Tensor> {
         let norm = {
             let grads: Vec<&Tensor> = self
                 .lora
@@ -263,7 +305,13 @@ impl Decoder {
                 v: &mut t.vb,
             });
         }
-        adamw_step(&mut tensors, step, p, max_grad_norm.map(|m| (m, &norm)), true)?;
+        adamw_step(
+            &mut tensors,
+            step,
+            p,
+            max_grad_norm.map(|m| (m, &norm)),
+            true,
+        )?;
         Ok(norm)
     }
 }

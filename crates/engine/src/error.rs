@@ -1,9 +1,12 @@
 use tigon_kernels::KernelError;
+use tigon_model::ModelError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("batch: {0}")]
     Batch(String),
     #[error("weights: {0}")]

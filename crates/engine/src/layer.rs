@@ -26,9 +26,11 @@ use tigon_kernels::ops::rope::{rope_backward, rope_forward};
 use tigon_kernels::Tensor;
 
 use crate::error::Result;
-use crate::lora::LoraTensors;
-use crate::spec::{DecoderSpec, Proj};
-use crate::weights::LayerWeights;
+use tigon_model::weights::LayerWeights;
+use tigon_model::Projection as Proj;
+
+use crate::lora::LayerLora;
+use crate::spec::DecoderSpec;
 
 /// Per-batch inputs every layer shares, already on the device.
 pub struct BatchCtx {
@@ -69,8 +71,6 @@ pub struct Layer<'a> {
     pub w: &'a LayerWeights,
 }
 
-pub type LayerLora = [Option<LoraTensors>; 7];
-
 fn norm(spec: &DecoderSpec) -> RmsNorm {
     RmsNorm {
         eps: spec.norm_eps,
@@ -91,14 +91,15 @@ impl Layer<'_> {
 
     /// `x W^T (+ bias) + s (x A^T) B^T`; returns the output and, with LoRA, `x A^T`.
     fn project(&self, lora: &LayerLora, p: Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let w = &self.w.proj[p.index()];
-        let bias = match (&self.w.qkv_bias, p) {
-            (Some(b), Proj::Q) => Some(&b[0]),
-            (Some(b), Proj::K) => Some(&b[1]),
-            (Some(b), Proj::V) => Some(&b[2]),
+        let w = self.w.projection(p);
+        let bias = match p {
+            Proj::Q => self.w.q_bias.as_ref(),
+            Proj::K => self.w.k_bias.as_ref(),
+            Proj::V => self.w.v_bias.as_ref(),
+            Proj::O => self.w.o_bias.as_ref(),
             _ => None,
         };
-        match &lora[p.index()] {
+        match &lora[p as usize] {
             Some(l) => {
                 let layer = LoraLinear {
                     w,
@@ -129,8 +130,8 @@ impl Layer<'_> {
         x: &Tensor,
         xa: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let w = &self.w.proj[p.index()];
-        match (&mut lora[p.index()], xa) {
+        let w = self.w.projection(p);
+        match (&mut lora[p as usize], xa) {
             (Some(l), Some(xa)) => {
                 let layer = LoraLinear {
                     w,
@@ -146,9 +147,19 @@ impl Layer<'_> {
         }
     }
 
+    /// Qwen3's per-head norm of q (0) or k (1); only called when the layer has them.
+    fn head_norm_weight(&self, which: usize) -> &Tensor {
+        let w = if which == 0 {
+            &self.w.q_norm
+        } else {
+            &self.w.k_norm
+        };
+        w.as_ref().expect("q_norm and k_norm are loaded together")
+    }
+
     fn head_norm_forward(&self, t: Tensor, which: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let s = self.spec;
-        let w = &self.w.qk_norm.as_ref().expect("qk_norm weights")[which];
+        let w = self.head_norm_weight(which);
         let shape = t.shape().to_vec();
         let rows = t.elem_count() / s.head_dim;
         let pre = t.reshape(&[rows, s.head_dim])?;
@@ -156,9 +167,15 @@ impl Layer<'_> {
         Ok((out.y.reshape(&shape)?, pre, out.rstd))
     }
 
-    fn head_norm_backward(&self, d: Tensor, pre: &Tensor, rstd: &Tensor, which: usize) -> Result<Tensor> {
+    fn head_norm_backward(
+        &self,
+        d: Tensor,
+        pre: &Tensor,
+        rstd: &Tensor,
+        which: usize,
+    ) -> Result<Tensor> {
         let s = self.spec;
-        let w = &self.w.qk_norm.as_ref().expect("qk_norm weights")[which];
+        let w = self.head_norm_weight(which);
         let shape = d.shape().to_vec();
         let d = d.reshape(pre.shape())?;
         let out = rms_norm_backward(&d, pre, w, rstd, norm(s), false)?;
@@ -166,24 +183,46 @@ impl Layer<'_> {
     }
 
     /// The layer's output, and what its backward needs when `save` is set.
-    pub fn forward(&self, lora: &LayerLora, x: &Tensor, ctx: &BatchCtx, save: bool) -> Result<(Tensor, Option<Saved>)> {
+    pub fn forward(
+        &self,
+        lora: &LayerLora,
+        x: &Tensor,
+        ctx: &BatchCtx,
+        save: bool,
+    ) -> Result<(Tensor, Option<Saved>)> {
         let s = self.spec;
-        let n1 = rms_norm_forward(x, &self.w.input_norm, norm(s))?;
+        let n1 = rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
         let (k, xa_k) = self.project(lora, Proj::K, &n1.y)?;
         let (v, xa_v) = self.project(lora, Proj::V, &n1.y)?;
-        let (mut q, mut k, head_norm) = if self.w.qk_norm.is_some() {
+        let (mut q, mut k, head_norm) = if self.w.q_norm.is_some() {
             let (q, q_pre, q_rstd) = self.head_norm_forward(q, 0)?;
             let (k, k_pre, k_rstd) = self.head_norm_forward(k, 1)?;
-            (q, k, Some(HeadNormSaved { q_pre, q_rstd, k_pre, k_rstd }))
+            (
+                q,
+                k,
+                Some(HeadNormSaved {
+                    q_pre,
+                    q_rstd,
+                    k_pre,
+                    k_rstd,
+                }),
+            )
         } else {
             (q, k, None)
         };
         rope_forward(&mut q, &mut k, &ctx.positions, &s.rope)?;
-        let att = attention_forward(&q, &k, &v, &ctx.cu_seqlens, ctx.max_seqlen, &self.attention())?;
+        let att = attention_forward(
+            &q,
+            &k,
+            &v,
+            &ctx.cu_seqlens,
+            ctx.max_seqlen,
+            &self.attention(),
+        )?;
         let (mut x2, xa_o) = self.project(lora, Proj::O, &att.o)?;
         add_inplace(&mut x2, x, 1.0)?;
-        let n2 = rms_norm_forward(&x2, &self.w.post_norm, norm(s))?;
+        let n2 = rms_norm_forward(&x2, &self.w.post_attention_layernorm, norm(s))?;
         let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
         let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
         let act = gated_act_forward(&gate, &up, GatedAct::Silu)?;
@@ -245,7 +284,15 @@ impl Layer<'_> {
         let dh2_up = self.project_backward(Proj::Up, lora, &up, &h2, xa[5].as_ref())?;
         add_inplace(&mut dh2, &dh2_up, 1.0)?;
         drop((gate, up, dh2_up, h2));
-        let mut dx2 = rms_norm_backward(&dh2, &x2, &self.w.post_norm, &rstd2, norm(s), false)?.dx;
+        let mut dx2 = rms_norm_backward(
+            &dh2,
+            &x2,
+            &self.w.post_attention_layernorm,
+            &rstd2,
+            norm(s),
+            false,
+        )?
+        .dx;
         add_inplace(&mut dx2, &dout, 1.0)?;
         drop((dh2, dout, x2));
         let dattn = self.project_backward(Proj::O, lora, &dx2, &attn, xa[3].as_ref())?;
@@ -272,7 +319,8 @@ impl Layer<'_> {
         add_inplace(&mut dh1, &dh1_k, 1.0)?;
         let dh1_v = self.project_backward(Proj::V, lora, &dv, &h1, xa[2].as_ref())?;
         add_inplace(&mut dh1, &dh1_v, 1.0)?;
-        let mut dx = rms_norm_backward(&dh1, x, &self.w.input_norm, &rstd1, norm(s), false)?.dx;
+        let mut dx =
+            rms_norm_backward(&dh1, x, &self.w.input_layernorm, &rstd1, norm(s), false)?.dx;
         add_inplace(&mut dx, &dx2, 1.0)?;
         Ok(dx)
     }

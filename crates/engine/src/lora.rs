@@ -1,10 +1,12 @@
 //! The trainable state: LoRA A and B per adapted projection, in fp32, with their gradients
-//! and AdamW moments, on the training device. Only these carry gradients.
+//! and AdamW moments, on the training device. Only these carry gradients. It is built from
+//! a [`tigon_model::Adapter`] (new or loaded from PEFT files) and written back into one to
+//! be saved.
 
 use tigon_kernels::{DType, Device, Tensor};
+use tigon_model::{Adapter, ModelConfig, Projection};
 
 use crate::error::{EngineError, Result};
-use crate::spec::{DecoderSpec, Proj};
 
 pub struct LoraTensors {
     /// `[r, in]`, fp32 master weights.
@@ -24,9 +26,7 @@ pub struct LoraTensors {
 impl LoraTensors {
     /// From CPU or device tensors `a` [r, in] and `b` [out, r] (any float dtype).
     pub fn new(a: &Tensor, b: &Tensor, scaling: f32, device: &Device) -> Result<LoraTensors> {
-        let (r, _) = a.rows_cols();
-        let (_, rb) = b.rows_cols();
-        if r != rb || a.shape().len() != 2 || b.shape().len() != 2 {
+        if a.shape().len() != 2 || b.shape().len() != 2 || a.shape()[0] != b.shape()[1] {
             return Err(EngineError::Lora(format!(
                 "lora_A {:?} and lora_B {:?} do not share a rank",
                 a.shape(),
@@ -34,8 +34,7 @@ impl LoraTensors {
             )));
         }
         let f32_on = |t: &Tensor| -> Result<Tensor> {
-            let v = t.to_f32_vec()?;
-            Ok(Tensor::from_f32(t.shape(), v)?.to_device(device)?)
+            Ok(Tensor::from_f32(t.shape(), t.to_f32_vec()?)?.to_device(device)?)
         };
         let zeros = |t: &Tensor| Tensor::zeros(t.shape(), DType::F32, device);
         Ok(LoraTensors {
@@ -60,59 +59,87 @@ impl LoraTensors {
     }
 }
 
-/// LoRA on some projections of some layers: `layers[i][proj.index()]`.
+/// LoRA on some projections of some layers, indexed `layers[i][projection as usize]`.
 pub struct LoraState {
-    pub layers: Vec<[Option<LoraTensors>; 7]>,
+    pub layers: Vec<LayerLora>,
 }
 
+/// The LoRA tensors of one layer's seven projections, in [`Projection::ALL`] order.
+pub type LayerLora = [Option<LoraTensors>; 7];
+
 impl LoraState {
-    pub fn empty(spec: &DecoderSpec) -> LoraState {
+    /// No adapter: the plain base model.
+    pub fn empty(layers: usize) -> LoraState {
         LoraState {
-            layers: (0..spec.layers).map(|_| Default::default()).collect(),
+            layers: (0..layers).map(|_| Default::default()).collect(),
         }
     }
 
-    pub fn get(&self, layer: usize, p: Proj) -> Option<&LoraTensors> {
-        self.layers.get(layer)?[p.index()].as_ref()
+    /// Every module of `adapter` on `device`, checked against the model's shapes.
+    pub fn from_adapter(
+        adapter: &Adapter,
+        config: &ModelConfig,
+        device: &Device,
+    ) -> Result<LoraState> {
+        let mut state = LoraState::empty(config.num_hidden_layers);
+        for m in &adapter.modules {
+            let (layer, p) = (m.target.layer, m.target.projection);
+            let (out, inp) = config.projection_shape(p);
+            let r = m.a.shape().first().copied().unwrap_or(0);
+            if m.a.shape() != [r, inp] || m.b.shape() != [out, r] {
+                return Err(EngineError::Lora(format!(
+                    "{}: lora_A {:?} / lora_B {:?}, expected [{r}, {inp}] / [{out}, {r}]",
+                    m.target.module,
+                    m.a.shape(),
+                    m.b.shape()
+                )));
+            }
+            let slot = state.layers.get_mut(layer).ok_or_else(|| {
+                EngineError::Lora(format!(
+                    "{}: layer {layer} out of range ({} layers)",
+                    m.target.module, config.num_hidden_layers
+                ))
+            })?;
+            slot[p as usize] = Some(LoraTensors::new(
+                &m.a,
+                &m.b,
+                m.target.scaling as f32,
+                device,
+            )?);
+        }
+        Ok(state)
     }
 
-    /// Attach `t` to projection `p` of `layer`, checking its shapes against the spec.
-    pub fn insert(
-        &mut self,
-        spec: &DecoderSpec,
-        layer: usize,
-        p: Proj,
-        t: LoraTensors,
-    ) -> Result<()> {
-        let (fin, fout) = spec.proj_dims(p);
-        let r = t.rank();
-        if t.a.shape() != [r, fin] || t.b.shape() != [fout, r] {
-            return Err(EngineError::Lora(format!(
-                "layer {layer} {}: lora_A {:?} / lora_B {:?}, expected [{r}, {fin}] / [{fout}, {r}]",
-                p.name(),
-                t.a.shape(),
-                t.b.shape()
-            )));
+    /// Copy the trained A and B back into `adapter` (as f32 CPU tensors), for saving.
+    pub fn store_into(&self, adapter: &mut Adapter) -> Result<()> {
+        for m in &mut adapter.modules {
+            let t = self
+                .get(m.target.layer, m.target.projection)
+                .ok_or_else(|| {
+                    EngineError::Lora(format!("{}: not in the training state", m.target.module))
+                })?;
+            m.a = Tensor::from_f32(t.a.shape(), t.a.to_f32_vec()?)?;
+            m.b = Tensor::from_f32(t.b.shape(), t.b.to_f32_vec()?)?;
         }
-        let slot = self.layers.get_mut(layer).ok_or_else(|| {
-            EngineError::Lora(format!("layer {layer} out of range ({} layers)", spec.layers))
-        })?;
-        slot[p.index()] = Some(t);
         Ok(())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (usize, Proj, &LoraTensors)> {
+    pub fn get(&self, layer: usize, p: Projection) -> Option<&LoraTensors> {
+        self.layers.get(layer)?[p as usize].as_ref()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (usize, Projection, &LoraTensors)> {
         self.layers.iter().enumerate().flat_map(|(i, l)| {
-            Proj::ALL
+            Projection::ALL
                 .iter()
-                .filter_map(move |&p| l[p.index()].as_ref().map(|t| (i, p, t)))
+                .filter_map(move |&p| l[p as usize].as_ref().map(|t| (i, p, t)))
         })
     }
 
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = (usize, Proj, &mut LoraTensors)> {
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (usize, Projection, &mut LoraTensors)> {
         self.layers.iter_mut().enumerate().flat_map(|(i, l)| {
             l.iter_mut()
-                .zip(Proj::ALL)
+                .zip(Projection::ALL)
                 .filter_map(move |(t, p)| t.as_mut().map(|t| (i, p, t)))
         })
     }

@@ -1,7 +1,9 @@
-//! The shape of a decoder, as the engine needs it: everything the forward and backward
-//! read, nothing about files. `tigon-model` builds one from a Hugging Face config.json.
+//! The shape of a decoder as the forward and backward read it, derived once from a
+//! Hugging Face config ([`ModelConfig`]): head counts, the norm epsilon, and the RoPE
+//! frequencies in the form the kernel takes.
 
-use tigon_kernels::ops::rope::RopeConfig;
+use tigon_kernels::ops::rope::{RopeConfig, RopeScaling as KernelRopeScaling};
+use tigon_model::{ModelConfig, RopeScaling};
 
 #[derive(Clone, Debug)]
 pub struct DecoderSpec {
@@ -14,102 +16,45 @@ pub struct DecoderSpec {
     pub vocab: usize,
     pub norm_eps: f32,
     pub rope: RopeConfig,
-    /// The LM head is the embedding matrix (Qwen2 small models, Llama-3.2).
-    pub tie_embeddings: bool,
-    /// Biases on q, k and v (Qwen2).
-    pub qkv_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
+    /// Mistral's sliding window: documents longer than this would need a banded mask,
+    /// which the attention kernel does not implement, so such batches are refused.
+    pub sliding_window: Option<usize>,
 }
 
 impl DecoderSpec {
-    pub fn q_dim(&self) -> usize {
-        self.q_heads * self.head_dim
-    }
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
-    /// (in, out) features of a projection.
-    pub fn proj_dims(&self, p: Proj) -> (usize, usize) {
-        match p {
-            Proj::Q => (self.hidden, self.q_dim()),
-            Proj::K | Proj::V => (self.hidden, self.kv_dim()),
-            Proj::O => (self.q_dim(), self.hidden),
-            Proj::Gate | Proj::Up => (self.hidden, self.intermediate),
-            Proj::Down => (self.intermediate, self.hidden),
-        }
-    }
-
-    /// Parameters of the base model (embedding and head counted once when tied).
-    pub fn param_count(&self) -> usize {
-        let per_layer: usize = Proj::ALL
-            .iter()
-            .map(|&p| {
-                let (i, o) = self.proj_dims(p);
-                i * o
-            })
-            .sum::<usize>()
-            + 2 * self.hidden;
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab * self.hidden
+    pub fn from_config(c: &ModelConfig) -> DecoderSpec {
+        let scaling = match &c.rope_scaling {
+            None => KernelRopeScaling::None,
+            Some(RopeScaling::Linear { factor }) => KernelRopeScaling::Linear {
+                factor: *factor as f32,
+            },
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => KernelRopeScaling::Llama3 {
+                factor: *factor as f32,
+                low_freq_factor: *low_freq_factor as f32,
+                high_freq_factor: *high_freq_factor as f32,
+                original_max_position: *original_max_position_embeddings,
+            },
         };
-        self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
-    }
-}
-
-/// The seven linear projections of a decoder layer, in PEFT's order of mention.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [
-        Proj::Q,
-        Proj::K,
-        Proj::V,
-        Proj::O,
-        Proj::Gate,
-        Proj::Up,
-        Proj::Down,
-    ];
-
-    /// The module name as Hugging Face and PEFT spell it (`q_proj`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Proj::Q => "q_proj",
-            Proj::K => "k_proj",
-            Proj::V => "v_proj",
-            Proj::O => "o_proj",
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
+        DecoderSpec {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            layers: c.num_hidden_layers,
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab_size,
+            norm_eps: c.rms_norm_eps as f32,
+            rope: RopeConfig {
+                head_dim: c.head_dim,
+                theta: c.rope_theta as f32,
+                scaling,
+            },
+            sliding_window: c.sliding_window,
         }
-    }
-
-    /// The module path inside a layer (`self_attn.q_proj`).
-    pub fn path(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-        }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
     }
 }

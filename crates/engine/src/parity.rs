@@ -1,0 +1,143 @@
+//! Parity with Hugging Face transformers + PEFT on a fixture folder written by
+//! `parity/hf_reference.py`: the model, a PEFT adapter, a batch, and HF's logits, loss and
+//! LoRA gradients. `cargo test` runs it on the CPU in f32 over the committed fixtures;
+//! `tigon parity` runs it on the GPU in bf16 over fixtures the script writes there.
+
+use std::path::{Path, PathBuf};
+
+use tigon_kernels::check::rel_err;
+use tigon_kernels::{DType, Device};
+use tigon_model::lora::LoraMatrix;
+use tigon_model::{Adapter, ModelWeights, Weights};
+
+use crate::decoder::{Batch, Decoder};
+use crate::error::{EngineError, Result};
+use crate::lora::LoraState;
+
+/// Relative errors (`||ours - hf|| / ||hf||`) of one fixture.
+#[derive(Clone, Debug)]
+pub struct ParityReport {
+    pub fixture: PathBuf,
+    pub logits: f64,
+    pub loss: f64,
+    pub tigon_loss: f32,
+    pub hf_loss: f32,
+    /// Every LoRA gradient, under its PEFT key.
+    pub grads: Vec<(String, f64)>,
+}
+
+impl ParityReport {
+    /// The largest relative error over logits, loss and gradients.
+    pub fn worst(&self) -> f64 {
+        self.grads
+            .iter()
+            .map(|g| g.1)
+            .fold(self.logits.max(self.loss), f64::max)
+    }
+}
+
+/// The rows of a `batch.json`: `input_ids` and HF-style `labels`, `[batch][seq]`.
+pub fn read_batch(path: &Path) -> Result<Batch> {
+    let bad = |why: String| EngineError::Batch(format!("{}: {why}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let rows = |key: &str| -> Result<Vec<Vec<i32>>> {
+        serde_json::from_value(v.get(key).cloned().unwrap_or_default())
+            .map_err(|e| bad(format!("`{key}`: {e}")))
+    };
+    let pairs: Vec<_> = rows("input_ids")?
+        .into_iter()
+        .zip(rows("labels")?)
+        .collect();
+    Batch::from_rows(&pairs)
+}
+
+/// Run the fixture in `dir` on `device` with base weights in `dtype`, and compare with
+/// `expected_file` (`expected.safetensors` for the f32 CPU reference,
+/// `expected_bfloat16.safetensors` for the bf16 GPU one).
+pub fn check_fixture(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    expected_file: &str,
+) -> Result<ParityReport> {
+    let weights = ModelWeights::from_dir(&dir.join("model"), device, dtype)?;
+    let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config)?;
+    let lora = LoraState::from_adapter(&adapter, &weights.config, device)?;
+    let batch = read_batch(&dir.join("batch.json"))?;
+    let expected = Weights::open_file(&dir.join(expected_file))?;
+    let mut decoder = Decoder::new(weights, lora)?;
+
+    let logits = decoder.logits(&batch)?.to_f32_vec()?;
+    let hf_logits = expected.get_any_shape("logits", DType::F32)?.to_f32_vec()?;
+    let step = decoder.forward_backward(&batch, None)?;
+    let tigon_loss = step.loss.to_f32_vec()?[0];
+    let hf_loss = expected.get("loss", &[1], DType::F32)?.to_f32_vec()?[0];
+
+    let mut grads = Vec::new();
+    for m in &adapter.modules {
+        let t = decoder
+            .lora
+            .get(m.target.layer, m.target.projection)
+            .expect("every adapter module is in the state");
+        for (matrix, g) in [(LoraMatrix::A, &t.da), (LoraMatrix::B, &t.db)] {
+            let key = m.target.peft_key(matrix);
+            let hf = expected
+                .get(&format!("{key}.grad"), g.shape(), DType::F32)?
+                .to_f32_vec()?;
+            grads.push((key, rel_err(&g.to_f32_vec()?, &hf)));
+        }
+    }
+    Ok(ParityReport {
+        fixture: dir.to_path_buf(),
+        logits: rel_err(&logits, &hf_logits),
+        loss: rel_err(&[tigon_loss], &[hf_loss]),
+        tigon_loss,
+        hf_loss,
+        grads,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../parity/fixtures")
+            .join(name)
+    }
+
+    /// The bar: logits, loss and every LoRA gradient within 1e-4 of HF+PEFT (f32).
+    fn assert_parity(name: &str) {
+        let r = check_fixture(
+            &fixture(name),
+            &Device::Cpu,
+            DType::F32,
+            "expected.safetensors",
+        )
+        .unwrap();
+        assert!(!r.grads.is_empty());
+        eprintln!("{name}: worst relative error {:e}", r.worst());
+        for (key, e) in &r.grads {
+            assert!(*e < 1e-4, "{name} {key}: rel err {e:e}");
+        }
+        assert!(r.logits < 1e-4, "{name} logits: rel err {:e}", r.logits);
+        assert!(
+            r.loss < 1e-4,
+            "{name} loss {} vs HF {}",
+            r.tigon_loss,
+            r.hf_loss
+        );
+    }
+
+    #[test]
+    fn tiny_llama_matches_hf_peft() {
+        assert_parity("tiny_llama");
+    }
+
+    #[test]
+    fn tiny_qwen2_matches_hf_peft() {
+        assert_parity("tiny_qwen2");
+    }
+}
