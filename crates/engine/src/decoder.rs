@@ -201,6 +201,24 @@ impl Decoder {
         Ok(matmul(&h, false, self.weights.lm_head(), true, h.dtype())?)
     }
 
+    /// The summed token loss of `batch` and the number of tokens it sums over, forward
+    /// only (evaluation): the LM head stays fused into the loss, so the full logits are
+    /// never stored, and no LoRA gradient is touched.
+    pub fn eval_loss(&self, batch: &Batch) -> Result<(f64, usize)> {
+        let h = self.hidden(batch)?;
+        let targets =
+            Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
+        let p = FusedLinearCrossEntropy {
+            ce: CrossEntropy {
+                num_items: Some(1.0),
+                ..CrossEntropy::default()
+            },
+            chunk_tokens: None,
+        };
+        let out = fused_linear_cross_entropy(&h, self.weights.lm_head(), &targets, &p, None)?;
+        Ok((out.loss.to_f32_vec()?[0] as f64, out.n_valid))
+    }
+
     /// Forward and backward of one micro-batch. The loss is normalised by `num_items`
     /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
     /// are accumulated onto what is there.

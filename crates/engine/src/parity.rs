@@ -131,6 +131,25 @@ mod tests {
         );
     }
 
+    /// The forward-only loss of `tigon eval` is the same token mean as the training loss.
+    #[test]
+    fn eval_loss_is_the_training_loss() {
+        let dir = fixture("tiny_llama");
+        let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+        let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
+        let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
+        let batch = read_batch(&dir.join("batch.json")).unwrap();
+        let mut decoder = Decoder::new(weights, lora).unwrap();
+        let (sum, n) = decoder.eval_loss(&batch).unwrap();
+        assert_eq!(n, batch.n_valid());
+        let train = decoder.forward_backward(&batch, None).unwrap();
+        let mean = train.loss.to_f32_vec().unwrap()[0] as f64;
+        assert!(
+            (sum / n as f64 - mean).abs() < 1e-5 * mean,
+            "{sum}/{n} vs {mean}"
+        );
+    }
+
     #[test]
     fn tiny_llama_matches_hf_peft() {
         assert_parity("tiny_llama");
