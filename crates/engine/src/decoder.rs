@@ -9,7 +9,9 @@ use tigon_kernels::ops::fused_linear_cross_entropy::{
     fused_linear_cross_entropy, FusedLinearCrossEntropy,
 };
 use tigon_kernels::ops::matmul::matmul;
-use tigon_kernels::ops::rms_norm::{rms_norm_backward, rms_norm_forward, RmsNorm, RmsNormKind};
+use tigon_kernels::ops::rms_norm::{
+    rms_norm_backward_inplace, rms_norm_forward, RmsNorm, RmsNormKind,
+};
 use tigon_kernels::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
@@ -251,15 +253,8 @@ impl Decoder {
         };
         let loss = fused_linear_cross_entropy(&fin.y, self.weights.lm_head(), &targets, &p, None)?;
         drop(fin.y);
-        let mut dx = rms_norm_backward(
-            &loss.dh,
-            &last,
-            &self.weights.norm,
-            &fin.rstd,
-            self.norm(),
-            false,
-        )?
-        .dx;
+        let mut dx = loss.dh;
+        rms_norm_backward_inplace(&mut dx, &last, &self.weights.norm, &fin.rstd, self.norm())?;
         drop(last);
         for i in (0..self.spec.layers).rev() {
             let layer = Layer {

@@ -21,7 +21,9 @@ use tigon_kernels::ops::attention::{attention_backward, attention_forward, Atten
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
 use tigon_kernels::ops::lora_linear::{lora_linear_backward, lora_linear_forward, LoraLinear};
 use tigon_kernels::ops::matmul::matmul;
-use tigon_kernels::ops::rms_norm::{rms_norm_backward, rms_norm_forward, RmsNorm, RmsNormKind};
+use tigon_kernels::ops::rms_norm::{
+    rms_norm_backward, rms_norm_backward_inplace, rms_norm_forward, RmsNorm, RmsNormKind,
+};
 use tigon_kernels::ops::rope::{rope_backward, rope_forward};
 use tigon_kernels::Tensor;
 
@@ -284,17 +286,16 @@ impl Layer<'_> {
         let dh2_up = self.project_backward(Proj::Up, lora, &up, &h2, xa[5].as_ref())?;
         add_inplace(&mut dh2, &dh2_up, 1.0)?;
         drop((gate, up, dh2_up, h2));
-        let mut dx2 = rms_norm_backward(
-            &dh2,
+        rms_norm_backward_inplace(
+            &mut dh2,
             &x2,
             &self.w.post_attention_layernorm,
             &rstd2,
             norm(s),
-            false,
-        )?
-        .dx;
+        )?;
+        let mut dx2 = dh2;
         add_inplace(&mut dx2, &dout, 1.0)?;
-        drop((dh2, dout, x2));
+        drop((dout, x2));
         let dattn = self.project_backward(Proj::O, lora, &dx2, &attn, xa[3].as_ref())?;
         let g = attention_backward(
             &dattn,
@@ -319,8 +320,8 @@ impl Layer<'_> {
         add_inplace(&mut dh1, &dh1_k, 1.0)?;
         let dh1_v = self.project_backward(Proj::V, lora, &dv, &h1, xa[2].as_ref())?;
         add_inplace(&mut dh1, &dh1_v, 1.0)?;
-        let mut dx =
-            rms_norm_backward(&dh1, x, &self.w.input_layernorm, &rstd1, norm(s), false)?.dx;
+        rms_norm_backward_inplace(&mut dh1, x, &self.w.input_layernorm, &rstd1, norm(s))?;
+        let mut dx = dh1;
         add_inplace(&mut dx, &dx2, 1.0)?;
         Ok(dx)
     }

@@ -58,12 +58,15 @@ __device__ __forceinline__ void rms_norm_forward_vec(const T* __restrict__ x, co
     }
 }
 
+// dy and dx may be one buffer (dx written over dy, without DW): each thread loads its
+// elements of dy before the row's barrier and stores the same elements after it, so they
+// carry no __restrict__.
 // dw_partial: [gridDim.x, cols] f32, written only when DW (a template parameter, so that
 // without it the accumulators take no registers and more rows stay in flight).
 template <typename T, int MAXV, bool DW>
-__device__ __forceinline__ void rms_norm_backward_vec(const T* __restrict__ dy, const T* __restrict__ x,
+__device__ __forceinline__ void rms_norm_backward_vec(const T* dy, const T* __restrict__ x,
                                                       const T* __restrict__ w, const float* __restrict__ rstd,
-                                                      T* __restrict__ dx, float* __restrict__ dw_partial,
+                                                      T* dx, float* __restrict__ dw_partial,
                                                       int rows, int cols, int gemma) {
     __shared__ float scratch[32];
     const int chunks = cols >> 3;
