@@ -6,7 +6,7 @@
 //! on the device before the loop) or `num_items`; the loop has no host synchronisation, and
 //! the bad-label flag is read once at the end.
 //!
-//! Memory: one logits chunk (128 MiB by default) plus dh; no saved activations, since the
+//! Memory: one logits chunk (64 MiB by default) plus dh; no saved activations, since the
 //! backward is done in the forward.
 
 use std::sync::Arc;
@@ -29,15 +29,16 @@ use super::{common_gpu, expect_dtype, expect_shape};
 const OP: &str = "fused_linear_cross_entropy";
 
 /// The default logits chunk: at most this many bytes.
-pub const DEFAULT_CHUNK_BYTES: usize = 128 << 20;
+pub const DEFAULT_CHUNK_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FusedLinearCrossEntropy {
     pub ce: CrossEntropy,
-    /// Tokens per chunk; None: as many as fit a 128 MiB logits chunk (512 at vocab 128256
+    /// Tokens per chunk; None: as many as fit a 64 MiB logits chunk (256 at vocab 128256
     /// in bf16). Larger chunks trade memory for GEMM efficiency, most of all with dW, whose
     /// f32 accumulation reads and writes all of dW once per chunk (8192 x 4096 x 128256 on an
-    /// H100: 28 ms at 512 tokens, 27 ms at 1024; with dW 59 ms and 46 ms).
+    /// H100, 2026-11-23: 29.9 ms at 256 tokens, 28.6 ms at 512, 27.2 ms at 1024; with dW 59 ms
+    /// at 512 and 46 ms at 1024).
     pub chunk_tokens: Option<usize>,
 }
 
@@ -51,7 +52,7 @@ pub struct FlceOut {
 }
 
 /// Tokens per chunk such that a chunk of logits takes at most [`DEFAULT_CHUNK_BYTES`],
-/// rounded down to a multiple of 128 when that many fit (GEMM tiles): 512 at vocab 128256
+/// rounded down to a multiple of 128 when that many fit (GEMM tiles): 256 at vocab 128256
 /// in bf16.
 pub fn default_chunk_tokens(vocab: usize, dtype: DType) -> usize {
     let t = (DEFAULT_CHUNK_BYTES / (vocab * dtype.size_in_bytes()).max(1)).max(1);
@@ -524,10 +525,11 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let two = 4.0 * (n * hid * v) as f64;
     let three = 6.0 * (n * hid * v) as f64;
     let mut rows = Vec::new();
-    // The default (512-token chunks), other chunk sizes (memory for speed), and with dW.
+    // The default (256-token chunks: Liger's memory), larger chunks (memory for speed),
+    // and with dW.
     for (variant, chunk, with_dw) in [
         ("fused", None, false),
-        ("c256", Some(256), false),
+        ("c512", Some(512), false),
         ("c1024", Some(1024), false),
         ("fused+dW", None, true),
         ("c1024+dW", Some(1024), true),
@@ -707,9 +709,9 @@ mod tests {
     }
 
     #[test]
-    fn default_chunk_is_512_tokens_at_llama3_vocab() {
-        assert_eq!(default_chunk_tokens(128256, DType::BF16), 512);
-        assert_eq!(default_chunk_tokens(128256, DType::F32), 256);
+    fn default_chunk_is_256_tokens_at_llama3_vocab() {
+        assert_eq!(default_chunk_tokens(128256, DType::BF16), 256);
+        assert_eq!(default_chunk_tokens(128256, DType::F32), 128);
         assert_eq!(default_chunk_tokens(1 << 30, DType::F32), 1);
         assert!(default_chunk_tokens(151936, DType::BF16) * 151936 * 2 <= DEFAULT_CHUNK_BYTES);
     }
