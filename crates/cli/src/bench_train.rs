@@ -222,6 +222,12 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// An f32 flag value as the f64 with the same shortest decimal form (1e-4, not
+/// 0.00009999999747), so the JSON shows what was typed.
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 /// Today's UTC date, `YYYY-MM-DD`.
 pub fn utc_date() -> String {
     let secs = std::time::SystemTime::now()
@@ -335,8 +341,8 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
         "steps": args.steps,
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
+        "lr": shortest(args.lr),
+        "weight_decay": shortest(args.weight_decay),
         "peak_tflops": args.peak_tflops,
     });
     match run(&args, &batches, &device, &clock, dtype, &mut result) {
@@ -383,6 +389,9 @@ fn run(
             args.seed,
         )?,
     };
+    // What was trained: a loaded adapter brings its own rank and alpha.
+    out["lora_r"] = json!(adapter.config.r);
+    out["lora_alpha"] = json!(adapter.config.lora_alpha);
     let lora = LoraState::from_adapter(&adapter, &config, device)?;
     let trainable = lora.param_count();
     let mut decoder = Decoder::new(weights, lora)?;
@@ -487,15 +496,18 @@ fn run(
 
 fn print_summary(r: &Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let peak = match r["peak_gib"].as_f64() {
+        Some(g) => format!("{g:.2} GiB"),
+        None => "- (no pool statistics on the CPU)".into(),
+    };
     println!(
-        "tigon {} batch {} x seq {} checkpointing {}: {:.0} tok/s (median step {:.1} ms), peak {:.2} GiB, MFU {:.1}%",
+        "tigon {} batch {} x seq {} checkpointing {}: {:.0} tok/s (median step {:.1} ms), peak {peak}, MFU {:.1}%",
         r["shape"].as_str().unwrap_or("-"),
         r["batch"],
         r["seq"],
         if r["checkpointing"].as_bool() == Some(true) { "on" } else { "off" },
         f("tok_s"),
         f("median_step_ms"),
-        f("peak_gib"),
         100.0 * f("mfu"),
     );
     if let Some(losses) = r["losses"].as_array() {
@@ -782,6 +794,11 @@ mod tests {
         let b = run_cpu(&model, &batches, &s.0.join("b.json"), &["--seed", "77"]);
         let c = run_cpu(&model, &batches, &s.0.join("c.json"), &["--seed", "78"]);
         assert_eq!(a["checkpointing"], true);
+        assert_eq!(
+            (a["lora_r"].as_u64(), a["lora_alpha"].as_f64()),
+            (Some(16), Some(32.0))
+        );
+        assert_eq!(a["lr"].as_f64(), Some(1e-4));
         // Checkpointing recomputes the same values: the losses are identical.
         assert_eq!(a["losses"], b["losses"]);
         // A different A initialisation changes the run after the first step (B starts at
