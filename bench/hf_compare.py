@@ -147,7 +147,6 @@ def child_prepare(a):
     os.makedirs(p["root"], exist_ok=True)
     t0 = time.time()
     cfg = transformers.LlamaConfig(**spec["config"])
-    cfg.torch_dtype = torch.bfloat16
     torch.manual_seed(a.seed)
     # Created on the GPU in bf16: seconds, where a CPU f32 init of 8B takes minutes.
     torch.set_default_dtype(torch.bfloat16)
