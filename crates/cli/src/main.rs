@@ -1,5 +1,6 @@
 //! The `tigon` command.
 
+mod bench_train;
 mod gpu;
 
 use anyhow::Result;
@@ -33,6 +34,9 @@ enum BenchCommand {
     /// Each fused kernel against the unfused composition of simple kernels, same inputs:
     /// median time, peak extra device memory, and achieved bandwidth or FLOP/s.
     Kernels(gpu::BenchKernelsArgs),
+    /// LoRA training throughput, peak memory, MFU and the loss at every step on a model
+    /// folder and fixed token batches (the tigon side of bench/hf_compare.py).
+    Train(bench_train::BenchTrainArgs),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
         Command::GpuCheck(args) => gpu::gpu_check(args),
         Command::Bench { what } => match what {
             BenchCommand::Kernels(args) => gpu::bench_kernels(args),
+            BenchCommand::Train(args) => bench_train::bench_train(args),
         },
     };
     match result {

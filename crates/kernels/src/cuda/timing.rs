@@ -66,3 +66,28 @@ impl Gpu {
         })
     }
 }
+
+/// A point in the GPU's stream, for timing the parts of a longer run (the phases of a
+/// training step) without synchronising between them.
+pub struct Mark(Event);
+
+impl Gpu {
+    /// Record a mark on the stream now, in stream order with the work around it.
+    pub fn mark(&self) -> Result<Mark> {
+        self.bind()?;
+        let e = Event::new()?;
+        unsafe { drv::event::record(e.0, self.cu_stream()) }.call("cuEventRecord")?;
+        Ok(Mark(e))
+    }
+}
+
+impl Mark {
+    /// Milliseconds of device time from `earlier` to this mark (waits until the GPU has
+    /// reached this mark).
+    pub fn ms_since(&self, earlier: &Mark) -> Result<f64> {
+        unsafe { drv::event::synchronize(self.0 .0) }.call("cuEventSynchronize")?;
+        let ms =
+            unsafe { drv::event::elapsed(earlier.0 .0, self.0 .0) }.call("cuEventElapsedTime")?;
+        Ok(ms as f64)
+    }
+}
