@@ -226,21 +226,28 @@ impl Decoder {
     /// are accumulated onto what is there.
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
         let ctx = self.ctx(batch)?;
-        let x0 = self.embed(batch)?;
         // Inputs of every layer (the checkpoints), and everything else unless recomputing.
-        let mut inputs = vec![x0];
+        // With checkpointing the embedding output is not kept either: a gather from the
+        // ids is cheaper than holding it through the step.
+        let mut inputs: Vec<Option<Tensor>> = vec![Some(self.embed(batch)?)];
         let mut saved = Vec::with_capacity(self.spec.layers);
         for (i, w) in self.weights.layers.iter().enumerate() {
             let layer = Layer {
                 spec: &self.spec,
                 w,
             };
-            let (out, s) =
-                layer.forward(&self.lora.layers[i], &inputs[i], &ctx, !self.checkpointing)?;
+            let x = inputs[i].as_ref().expect("layer input");
+            let (out, s) = layer.forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
             saved.push(s);
-            inputs.push(out);
+            inputs.push(Some(out));
+            if i == 0 && self.checkpointing {
+                inputs[0] = None;
+            }
         }
-        let last = inputs.pop().expect("one input per layer plus the output");
+        let last = inputs
+            .pop()
+            .flatten()
+            .expect("one input per layer plus the output");
         let fin = rms_norm_forward(&last, &self.weights.norm, self.norm())?;
         let targets =
             Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
@@ -261,13 +268,13 @@ impl Decoder {
                 spec: &self.spec,
                 w: &self.weights.layers[i],
             };
-            let x = inputs.pop().expect("layer input");
+            let x = match inputs.pop().flatten() {
+                Some(x) => x,
+                None => self.embed(batch)?,
+            };
             let s = match saved[i].take() {
                 Some(s) => s,
-                None => layer
-                    .forward(&self.lora.layers[i], &x, &ctx, true)?
-                    .1
-                    .expect("saved when asked"),
+                None => layer.recompute(&self.lora.layers[i], &x, &ctx)?,
             };
             dx = layer.backward(&mut self.lora.layers[i], dx, &x, s, &ctx)?;
         }

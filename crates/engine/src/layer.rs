@@ -1,7 +1,7 @@
 //! One decoder layer, forward and backward, written out op by op (llm.c style).
 //!
 //! ```text
-//! h1 = rms_norm(x)                     saved: h1, rstd1
+//! h1 = rms_norm(x)                     recomputed in the backward (a cheap norm)
 //! q, k, v = h1 Wq/Wk/Wv (+ LoRA, + bias)  saved: the LoRA inputs' x A^T
 //! q, k = head_norm(q, k)  (Qwen3)        saved: pre-norm q, k and their rstd
 //! q, k = rope(q, k)                      in place
@@ -14,12 +14,17 @@
 //! ```
 //! The layer input `x` is kept by the caller (it is the activation checkpoint). With
 //! checkpointing the forward runs twice: once keeping nothing, then again just before this
-//! layer's backward.
+//! layer's backward ([`Layer::recompute`], which skips the down projection's GEMM: its
+//! output is not needed). The backward frees each saved tensor as soon as it is read for
+//! the last time; the down projection takes its dA and dB before its dx is allocated, so
+//! `m` and its gradient are never live together.
 
 use tigon_kernels::ops::activation_mul::{gated_act_backward, gated_act_forward, GatedAct};
 use tigon_kernels::ops::attention::{attention_backward, attention_forward, Attention};
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
-use tigon_kernels::ops::lora_linear::{lora_linear_backward, lora_linear_forward, LoraLinear};
+use tigon_kernels::ops::lora_linear::{
+    lora_linear_backward, lora_linear_backward_dx, lora_linear_forward, lora_linear_xa, LoraLinear,
+};
 use tigon_kernels::ops::matmul::matmul;
 use tigon_kernels::ops::rms_norm::{
     rms_norm_backward, rms_norm_backward_inplace, rms_norm_forward, RmsNorm, RmsNormKind,
@@ -31,7 +36,7 @@ use crate::error::Result;
 use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
-use crate::lora::LayerLora;
+use crate::lora::{LayerLora, LoraTensors};
 use crate::spec::DecoderSpec;
 
 /// Per-batch inputs every layer shares, already on the device.
@@ -44,8 +49,6 @@ pub struct BatchCtx {
 
 /// What one layer's backward needs from its forward.
 pub struct Saved {
-    h1: Tensor,
-    rstd1: Tensor,
     xa: [Option<Tensor>; 7],
     head_norm: Option<HeadNormSaved>,
     q: Tensor,
@@ -149,6 +152,49 @@ impl Layer<'_> {
         }
     }
 
+    /// The frozen weight of projection `p` with the adapter `l` on it (bias left out: only
+    /// the forward adds it).
+    fn lora_layer<'l>(&'l self, p: Proj, l: &'l LoraTensors) -> LoraLinear<'l> {
+        LoraLinear {
+            w: self.w.projection(p),
+            bias: None,
+            a: &l.a,
+            b: &l.b,
+            scaling: l.scaling,
+        }
+    }
+
+    /// The down projection's backward, which owns its input `act` (the largest saved
+    /// tensor): dA and dB first, then `act` is freed, then dx is allocated, so the two
+    /// intermediate-sized tensors are never live together.
+    fn down_backward(
+        &self,
+        lora: &mut LayerLora,
+        dy: &Tensor,
+        act: Tensor,
+        xa: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let w = self.w.projection(Proj::Down);
+        match (&mut lora[Proj::Down as usize], xa) {
+            (Some(l), Some(xa)) => {
+                let layer = LoraLinear {
+                    w,
+                    bias: None,
+                    a: &l.a,
+                    b: &l.b,
+                    scaling: l.scaling,
+                };
+                lora_linear_backward(&layer, dy, &act, xa, &mut l.da, &mut l.db, false)?;
+                drop(act);
+                Ok(lora_linear_backward_dx(&layer, dy)?)
+            }
+            _ => {
+                drop(act);
+                Ok(matmul(dy, false, w, false, dy.dtype())?)
+            }
+        }
+    }
+
     /// Qwen3's per-head norm of q (0) or k (1); only called when the layer has them.
     fn head_norm_weight(&self, which: usize) -> &Tensor {
         let w = if which == 0 {
@@ -192,6 +238,24 @@ impl Layer<'_> {
         ctx: &BatchCtx,
         save: bool,
     ) -> Result<(Tensor, Option<Saved>)> {
+        let (out, saved) = self.run(lora, x, ctx, true)?;
+        Ok((out.expect("asked for the output"), save.then_some(saved)))
+    }
+
+    /// What the backward needs, recomputed from the layer input (activation
+    /// checkpointing). The layer's output is not needed, so the down projection's GEMM is
+    /// skipped; only its adapter activation `act A^T` is formed.
+    pub fn recompute(&self, lora: &LayerLora, x: &Tensor, ctx: &BatchCtx) -> Result<Saved> {
+        Ok(self.run(lora, x, ctx, false)?.1)
+    }
+
+    fn run(
+        &self,
+        lora: &LayerLora,
+        x: &Tensor,
+        ctx: &BatchCtx,
+        want_output: bool,
+    ) -> Result<(Option<Tensor>, Saved)> {
         let s = self.spec;
         let n1 = rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
@@ -227,12 +291,21 @@ impl Layer<'_> {
         let n2 = rms_norm_forward(&x2, &self.w.post_attention_layernorm, norm(s))?;
         let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
         let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
+        // h1 is recomputed in the backward (one cheap norm) rather than held through it.
+        drop(n1);
         let act = gated_act_forward(&gate, &up, GatedAct::Silu)?;
-        let (mut out, xa_d) = self.project(lora, Proj::Down, &act)?;
-        add_inplace(&mut out, &x2, 1.0)?;
-        let saved = save.then(|| Saved {
-            h1: n1.y,
-            rstd1: n1.rstd,
+        let (out, xa_d) = if want_output {
+            let (mut out, xa_d) = self.project(lora, Proj::Down, &act)?;
+            add_inplace(&mut out, &x2, 1.0)?;
+            (Some(out), xa_d)
+        } else {
+            let xa_d = match &lora[Proj::Down as usize] {
+                Some(l) => Some(lora_linear_xa(&self.lora_layer(Proj::Down, l), &act)?),
+                None => None,
+            };
+            (None, xa_d)
+        };
+        let saved = Saved {
             xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
             head_norm,
             q,
@@ -246,7 +319,7 @@ impl Layer<'_> {
             gate,
             up,
             act,
-        });
+        };
         Ok((out, saved))
     }
 
@@ -262,8 +335,6 @@ impl Layer<'_> {
     ) -> Result<Tensor> {
         let s = self.spec;
         let Saved {
-            h1,
-            rstd1,
             xa,
             head_norm,
             q,
@@ -278,8 +349,7 @@ impl Layer<'_> {
             mut up,
             act,
         } = saved;
-        let dact = self.project_backward(Proj::Down, lora, &dout, &act, xa[6].as_ref())?;
-        drop(act);
+        let dact = self.down_backward(lora, &dout, act, xa[6].as_ref())?;
         gated_act_backward(&dact, &mut gate, &mut up, GatedAct::Silu)?;
         drop(dact);
         let mut dh2 = self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
@@ -315,6 +385,8 @@ impl Layer<'_> {
             dq = self.head_norm_backward(dq, &hn.q_pre, &hn.q_rstd, 0)?;
             dk = self.head_norm_backward(dk, &hn.k_pre, &hn.k_rstd, 1)?;
         }
+        let n1 = rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
+        let (h1, rstd1) = (n1.y, n1.rstd);
         let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
         let dh1_k = self.project_backward(Proj::K, lora, &dk, &h1, xa[1].as_ref())?;
         add_inplace(&mut dh1, &dh1_k, 1.0)?;

@@ -150,6 +150,34 @@ mod tests {
         );
     }
 
+    /// Activation checkpointing recomputes the same ops in the same order: the loss and
+    /// every LoRA gradient are bitwise those of the step that saved everything.
+    #[test]
+    fn checkpointing_changes_nothing() {
+        for name in ["tiny_llama", "tiny_qwen2"] {
+            let dir = fixture(name);
+            let run = |checkpointing: bool| {
+                let weights =
+                    ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+                let adapter =
+                    Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
+                let lora =
+                    LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
+                let mut decoder = Decoder::new(weights, lora).unwrap();
+                decoder.checkpointing = checkpointing;
+                let batch = read_batch(&dir.join("batch.json")).unwrap();
+                let loss = decoder.forward_backward(&batch, None).unwrap();
+                let mut out = vec![loss.loss.to_f32_vec().unwrap()];
+                for (_, _, t) in decoder.lora.iter() {
+                    out.push(t.da.to_f32_vec().unwrap());
+                    out.push(t.db.to_f32_vec().unwrap());
+                }
+                out
+            };
+            assert_eq!(run(false), run(true), "{name}");
+        }
+    }
+
     #[test]
     fn tiny_llama_matches_hf_peft() {
         assert_parity("tiny_llama");

@@ -251,6 +251,58 @@ pub fn lora_linear_backward(
     Ok(Some(dx))
 }
 
+/// `x A^T`, the adapter's rank-r activation that the backward reads (for dB): what
+/// [`lora_linear_forward`] saves, without the base GEMM, for a recomputation that needs
+/// no output.
+pub fn lora_linear_xa(layer: &LoraLinear, x: &Tensor) -> Result<Tensor> {
+    let d = check_layer(layer, x)?;
+    let gpu = common_gpu(OP, &[("x", x), ("a", layer.a)])?;
+    let dt = x.dtype();
+    let mut a_slot = None;
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let mut xa = output(&gpu, &with_last(x, d.r), dt)?;
+    matmul_into(x, false, a, true, &mut xa, 1.0, 0.0)?;
+    Ok(xa)
+}
+
+/// `dx = dy W + (s dy B) A` alone: for callers that took dA and dB with
+/// `need_dx = false` and freed the forward input before allocating dx (it recomputes the
+/// rank-r `s dy B`, a GEMM of `2 tokens out r` FLOPs, to hold nothing in between).
+pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor> {
+    let (out, inp) = layer.w.rows_cols();
+    let dt = dy.dtype();
+    expect_dtype(OP, "dy", dy, &[DType::F32, DType::BF16])?;
+    expect_dtype(OP, "w", layer.w, &[dt])?;
+    let (_, cols) = dy.rows_cols();
+    if cols != out || layer.a.shape() != [layer.b.shape()[1], inp] {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "dy {:?}, w {:?}, a {:?}, b {:?}",
+                dy.shape(),
+                layer.w.shape(),
+                layer.a.shape(),
+                layer.b.shape()
+            ),
+        ));
+    }
+    let r = layer.a.shape()[0];
+    let gpu = common_gpu(
+        OP,
+        &[("dy", dy), ("w", layer.w), ("a", layer.a), ("b", layer.b)],
+    )?;
+    let (mut a_slot, mut b_slot) = (None, None);
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let b = as_dtype(layer.b, dt, &mut b_slot)?;
+    let lead = &dy.shape()[..dy.shape().len() - 1];
+    let mut dxa = output(&gpu, &[lead, &[r]].concat(), dt)?;
+    matmul_into(dy, false, b, false, &mut dxa, layer.scaling, 0.0)?;
+    let mut dx = output(&gpu, &[lead, &[inp]].concat(), dt)?;
+    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
+    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
+    Ok(dx)
+}
+
 /// `W += s B A` in place: the rank-r product in fp32, W rounded once to its dtype. With
 /// `safe`, nothing is written if any merged value would be non-finite (an error instead).
 pub fn lora_merge(w: &mut Tensor, a: &Tensor, b: &Tensor, scaling: f32, safe: bool) -> Result<()> {
@@ -441,6 +493,23 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
         dx.as_ref().unwrap(),
     )?);
     lines.push(compare(OP, &case, "dB", &gdb, &db)?);
+    if !c.x_lora {
+        let gdx_only = lora_linear_backward_dx(&glayer, &gdy)?;
+        lines.push(compare(
+            OP,
+            &case,
+            "dx(alone)",
+            &gdx_only,
+            dx.as_ref().unwrap(),
+        )?);
+    }
+    let gxa_only = lora_linear_xa(&glayer, gx_d)?;
+    let xa_ref = if c.x_lora {
+        lora_linear_xa(&layer, x_d)?
+    } else {
+        f.xa.to_cpu()?
+    };
+    lines.push(compare(OP, &case, "xa(alone)", &gxa_only, &xa_ref)?);
     let mut l = compare(OP, &case, "dA", &gda, &da)?;
     if dt == DType::BF16 {
         // dA = dxa^T x_d where dxa = s dy B is stored in bf16. cuBLAS and the CPU sum
@@ -796,6 +865,13 @@ mod tests {
             }
             let none = lora_linear_backward(&layer, &dy, &xdt, &f.xa, &mut da, &mut db, false);
             assert!(none.unwrap().is_none());
+            // The split calls give the same numbers as the joint ones.
+            let xa = lora_linear_xa(&layer, &xdt).unwrap();
+            assert_eq!(xa.to_f32_vec().unwrap(), f.xa.to_f32_vec().unwrap());
+            if !use_xl {
+                let dx_alone = lora_linear_backward_dx(&layer, &dy).unwrap();
+                assert_eq!(dx_alone.to_f32_vec().unwrap(), dx.to_f32_vec().unwrap());
+            }
         }
     }
 
