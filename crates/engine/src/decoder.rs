@@ -225,6 +225,13 @@ impl Decoder {
     /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
     /// are accumulated onto what is there.
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
+        if self.lora.dropout != 0.0 {
+            return Err(EngineError::Lora(format!(
+                "lora_dropout {} is not supported in training yet (set it to 0; evaluation \
+                 and merging ignore it)",
+                self.lora.dropout
+            )));
+        }
         let ctx = self.ctx(batch)?;
         // Inputs of every layer (the checkpoints), and everything else unless recomputing.
         // With checkpointing the embedding output is not kept either: a gather from the

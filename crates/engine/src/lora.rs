@@ -62,6 +62,10 @@ impl LoraTensors {
 /// LoRA on some projections of some layers, indexed `layers[i][projection as usize]`.
 pub struct LoraState {
     pub layers: Vec<LayerLora>,
+    /// The adapter's `lora_dropout`. Evaluation ignores it (PEFT's eval mode); the training
+    /// step does not implement it yet and refuses a non-zero value rather than train
+    /// something other than what the config says.
+    pub dropout: f64,
 }
 
 /// The LoRA tensors of one layer's seven projections, in [`Projection::ALL`] order.
@@ -72,6 +76,7 @@ impl LoraState {
     pub fn empty(layers: usize) -> LoraState {
         LoraState {
             layers: (0..layers).map(|_| Default::default()).collect(),
+            dropout: 0.0,
         }
     }
 
@@ -82,6 +87,7 @@ impl LoraState {
         device: &Device,
     ) -> Result<LoraState> {
         let mut state = LoraState::empty(config.num_hidden_layers);
+        state.dropout = adapter.config.lora_dropout;
         for m in &adapter.modules {
             let (layer, p) = (m.target.layer, m.target.projection);
             let (out, inp) = config.projection_shape(p);

@@ -178,6 +178,26 @@ mod tests {
         }
     }
 
+    /// An adapter with dropout evaluates (PEFT's eval mode ignores dropout) but the
+    /// training step refuses it instead of silently training without it.
+    #[test]
+    fn lora_dropout_is_refused_in_training_only() {
+        let dir = fixture("tiny_llama");
+        let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+        let mut adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
+        adapter.config.lora_dropout = 0.05;
+        let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
+        let batch = read_batch(&dir.join("batch.json")).unwrap();
+        let mut decoder = Decoder::new(weights, lora).unwrap();
+        assert!(decoder.eval_loss(&batch).is_ok());
+        let err = decoder
+            .forward_backward(&batch, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("lora_dropout 0.05"), "{err}");
+    }
+
     #[test]
     fn tiny_llama_matches_hf_peft() {
         assert_parity("tiny_llama");
