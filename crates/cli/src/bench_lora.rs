@@ -9,6 +9,7 @@
 //!      to bf16 per call, outputs allocated);
 //!    - and the backward the same way: base `dx = dy W`; adapter `dB += s dy^T xa`,
 //!      `dxa = s dy B`, `dA += dxa^T x`, `dx += dxa A`; op `lora_linear_backward` (dx, dA, dB).
+//!
 //!    Times are CUDA-event medians after warm-up with a cold L2 before each run
 //!    (`Gpu::time`); FLOPs are `2 n in out` for the base and `2 n r (in + out)` (forward) or
 //!    `4 n r (in + out)` (backward) for the adapter.
@@ -127,8 +128,6 @@ fn tflops(flops: f64, ms: f64) -> f64 {
 
 /// Part 1: one row per (projection, rank).
 fn projections(gpu: &Arc<Gpu>, args: &BenchLoraArgs, config: &ModelConfig) -> Result<Vec<Value>> {
-    let dev = Device::Cuda(gpu.clone());
-    let n = args.tokens;
     let mut rows = Vec::new();
     println!(
         "{:<5} {:>13} {:>4} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>7}",
@@ -136,6 +135,27 @@ fn projections(gpu: &Arc<Gpu>, args: &BenchLoraArgs, config: &ModelConfig) -> Re
         "bwd base", "bwd lora", "ratio", "bwd op", "over", "lora TF/s"
     );
     for (pi, p) in Projection::ALL.into_iter().enumerate() {
+        // A failure in one projection is reported and the others still run.
+        if let Err(e) = projection(gpu, args, config, pi, p, &mut rows) {
+            println!("{:<5} ERROR: {e:#}", p.name());
+            rows.push(json!({"projection": p.name(), "error": format!("{e:#}")}));
+        }
+    }
+    Ok(rows)
+}
+
+/// The rows of one projection type, every rank.
+fn projection(
+    gpu: &Arc<Gpu>,
+    args: &BenchLoraArgs,
+    config: &ModelConfig,
+    pi: usize,
+    p: Projection,
+    rows: &mut Vec<Value>,
+) -> Result<()> {
+    let dev = Device::Cuda(gpu.clone());
+    let n = args.tokens;
+    {
         let (out, inp) = config.projection_shape(p);
         let seed = 100 + pi as u64;
         let x = random_on(&[n, inp], 1.0, DType::BF16, seed, &dev)?;
@@ -232,7 +252,7 @@ fn projections(gpu: &Arc<Gpu>, args: &BenchLoraArgs, config: &ModelConfig) -> Re
             }));
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Random bf16 base weights of `config` on the GPU, built in memory: one random CPU tensor
