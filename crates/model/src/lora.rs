@@ -1331,6 +1331,18 @@ pub fn export_merged_with(
     out_dir: &Path,
     max_shard_bytes: u64,
 ) -> Result<()> {
+    export_merged_checked(model_dir, adapters, out_dir, max_shard_bytes, true)
+}
+
+/// [`export_merged_with`] with the safety check optional: with `safe = false` (PEFT's
+/// `safe_merge=False`) a merged weight is written even if it holds inf or NaN.
+pub fn export_merged_checked(
+    model_dir: &Path,
+    adapters: &[&Adapter],
+    out_dir: &Path,
+    max_shard_bytes: u64,
+    safe: bool,
+) -> Result<()> {
     io::create_dir_all(out_dir)?;
     let same = match (model_dir.canonicalize(), out_dir.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
@@ -1385,7 +1397,9 @@ pub fn export_merged_with(
             Some(modules) => {
                 let base = weights.get_any_shape(&spec.name, DType::F32)?;
                 let values = merged_values(&base, modules, 1.0, &spec.name)?;
-                check_finite(&values, &spec.name)?;
+                if safe {
+                    check_finite(&values, &spec.name)?;
+                }
                 Ok(MaybeOwned::Owned(Tensor::from_f32_as(
                     &spec.shape,
                     values,
