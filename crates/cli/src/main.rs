@@ -1,7 +1,9 @@
 //! The `tigon` command.
 
 mod bench_train;
+mod demo_cmd;
 mod gpu;
+mod train_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,6 +24,12 @@ enum Command {
     /// Run every CUDA op against its CPU reference on fresh random inputs (outputs poisoned
     /// first) and print one line per output with its relative error and PASS/FAIL.
     GpuCheck(gpu::GpuCheckArgs),
+    /// Fine-tune a LoRA adapter from a TOML config and/or flags (every config key is also a
+    /// flag): JSONL data, checkpoints, --resume, metrics.jsonl and loss.png in --output.
+    Train(train_cmd::TrainArgs),
+    /// Fine-tune a LoRA adapter on a small built-in model and task (no download) and print
+    /// its held-out exact-match accuracy; writes the adapter, metrics and loss.png.
+    Demo(demo_cmd::DemoArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -43,6 +51,8 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<i32> = match cli.command {
         Command::GpuCheck(args) => gpu::gpu_check(args),
+        Command::Train(args) => train_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Bench { what } => match what {
             BenchCommand::Kernels(args) => gpu::bench_kernels(args),
             BenchCommand::Train(args) => bench_train::bench_train(args),

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use serde_json::json;
 use tigon_engine::{Batch, Decoder, LoraState};
-use tigon_kernels::DType;
-use tigon_model::weights::{random_model_as, DEFAULT_MAX_SHARD_BYTES};
+use tigon_kernels::rng::Rng;
+use tigon_kernels::Tensor;
+use tigon_model::weights::{write_safetensors, SINGLE_FILE};
 use tigon_model::{ModelConfig, ModelWeights};
 use tigon_train::demo_data::{self, DemoConfig, DemoStyle, DemoTask, EvalPrompt};
 use tigon_train::tokenizer::{builtin_char_json, CHAR_BOS, CHAR_EOS, CHAR_PAD, CHAR_UNK};
@@ -143,10 +144,38 @@ pub fn write_char_tokenizer(dir: &Path) -> Result<()> {
 }
 
 /// A model folder with seeded random f32 weights for `m` and the character tokenizer.
+///
+/// The init is chosen so a LoRA on the projections can move the output: transformers'
+/// N(0, 0.02) everywhere gives a frozen LM head whose logits span well under one nat at
+/// these widths (row norm 0.02 sqrt(d) against a unit-RMS hidden state), so no adapter on
+/// the layers could make the loss fall far. Here every matrix is N(0, 1/fan_in) (variance
+/// preserving, as a trained network's layers roughly are), the embedding N(0, 1) and the
+/// norms exactly 1: the head can express confident predictions and each layer's random
+/// features are well conditioned for the adapter to steer.
 pub fn write_demo_model(dir: &Path, m: &DemoModel, max_positions: usize, seed: u64) -> Result<()> {
     let tok = Tokenizer::builtin_char();
     let config = demo_model_config(m, tok.vocab_size(), max_positions);
-    random_model_as(&config, seed, dir, DType::F32, DEFAULT_MAX_SHARD_BYTES)?;
+    std::fs::create_dir_all(dir).map_err(|e| TrainerError::io(dir, e))?;
+    let mut rng = Rng::new(seed);
+    let tensors: Vec<(String, Tensor)> = config
+        .tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name == "model.embed_tokens.weight" {
+                rng.normal_vec(n, 1.0)
+            } else {
+                let fan_in = *shape.last().expect("a matrix");
+                rng.normal_vec(n, (1.0 / fan_in as f64).sqrt() as f32)
+            };
+            Ok((name, Tensor::from_f32(&shape, values)?))
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_safetensors(&dir.join(SINGLE_FILE), &refs)?;
+    config.save(dir)?;
     write_char_tokenizer(dir)
 }
 

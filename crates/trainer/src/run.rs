@@ -408,3 +408,81 @@ pub fn train(
         eval_examples: eval_n,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::{write_demo_model, DemoModel};
+    use tigon_train::demo_data::{generate, to_jsonl, DemoConfig, DemoStyle, DemoTask};
+
+    /// A demo-shaped run, scaled down: the training loss must fall well below its start.
+    #[test]
+    fn demo_size_training_loss_falls() {
+        let dir = std::env::temp_dir().join(format!("tigon-run-falls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model = DemoModel {
+            hidden: 32,
+            intermediate: 64,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+        };
+        write_demo_model(&dir.join("base"), &model, 64, 3).unwrap();
+        let (train_set, held) = generate(&DemoConfig {
+            task: DemoTask::Addition,
+            style: DemoStyle::Chat,
+            train: 300,
+            heldout: 20,
+            max_digits: 2,
+            seed: 1,
+        });
+        std::fs::write(
+            dir.join("train.jsonl"),
+            to_jsonl(&train_set, DemoStyle::Chat),
+        )
+        .unwrap();
+        std::fs::write(dir.join("held.jsonl"), to_jsonl(&held, DemoStyle::Chat)).unwrap();
+        let cfg = TrainConfig {
+            model: dir.join("base"),
+            data: vec![dir.join("train.jsonl")],
+            eval_data: Some(dir.join("held.jsonl")),
+            seq_len: 64,
+            micro_batch: 4,
+            lr: 1e-2,
+            warmup_steps: 2,
+            steps: Some(25),
+            eval_every: 5,
+            lora_r: 8,
+            output: dir.join("out"),
+            device: DeviceChoice::Cpu,
+            ..TrainConfig::default()
+        };
+        let out = train(&cfg, "test", RunOptions::default(), &mut Quiet).unwrap();
+        let losses: Vec<f64> = out.records.iter().map(|r| r.loss).collect();
+        assert_eq!(losses.len(), 25);
+        let first = losses[0];
+        let tail = losses[20..].iter().sum::<f64>() / 5.0;
+        // Uniform over the 103-token vocabulary is ln 103 = 4.63 nats; the answers' digits
+        // and EOS are a tiny part of it.
+        assert!(tail < 0.75 * first, "loss {first} -> {tail}: {losses:?}");
+        let evals: Vec<f64> = out.records.iter().filter_map(|r| r.eval_loss).collect();
+        assert_eq!(evals.len(), 5);
+        assert!(evals[4] < evals[0], "held-out {evals:?}");
+        // The outputs are there: PEFT adapter, checkpoint, metrics, plot.
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "metrics.jsonl",
+            "loss.png",
+            "latest",
+            "checkpoint-25/optimizer.safetensors",
+            "checkpoint-25/trainer_state.json",
+        ] {
+            assert!(cfg.output.join(f).is_file(), "{f} missing");
+        }
+        // A second fresh run into the same folder must be asked for explicitly.
+        let again = train(&cfg, "test", RunOptions::default(), &mut Quiet);
+        assert!(again.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
