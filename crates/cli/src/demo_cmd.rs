@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// Training problems generated.
     #[arg(long)]
     train_examples: Option<usize>,
+    /// Longest operand in digits (addition) or word in letters (reversal).
+    #[arg(long)]
+    max_len: Option<u32>,
 }
 
 pub fn run(args: DemoArgs) -> Result<i32> {
@@ -71,6 +74,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     o.lora_r = args.lora_r.unwrap_or(o.lora_r);
     o.lr = args.lr.unwrap_or(o.lr);
     o.train_examples = args.train_examples.unwrap_or(o.train_examples);
+    o.max_digits = args.max_len.unwrap_or(o.max_digits);
     if o.steps == 0 {
         bail!("--steps must be positive");
     }
