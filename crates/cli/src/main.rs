@@ -26,7 +26,7 @@ enum Command {
     GpuCheck(gpu::GpuCheckArgs),
     /// Fine-tune a LoRA adapter from a TOML config and/or flags (every config key is also a
     /// flag): JSONL data, checkpoints, --resume, metrics.jsonl and loss.png in --output.
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Fine-tune a LoRA adapter on a small built-in model and task (no download) and print
     /// its held-out exact-match accuracy; writes the adapter, metrics and loss.png.
     Demo(demo_cmd::DemoArgs),
@@ -51,7 +51,7 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<i32> = match cli.command {
         Command::GpuCheck(args) => gpu::gpu_check(args),
-        Command::Train(args) => train_cmd::run(args),
+        Command::Train(args) => train_cmd::run(*args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Bench { what } => match what {
             BenchCommand::Kernels(args) => gpu::bench_kernels(args),

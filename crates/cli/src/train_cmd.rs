@@ -262,7 +262,10 @@ impl Observer for Progress {
                 }
             }
             None => {
-                if r.step % self.every == 0 || r.step == self.total || r.eval_loss.is_some() {
+                if r.step.is_multiple_of(self.every)
+                    || r.step == self.total
+                    || r.eval_loss.is_some()
+                {
                     eprintln!("step {}/{}: {msg} | {:.1}s", r.step, self.total, r.elapsed);
                 }
             }

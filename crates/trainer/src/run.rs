@@ -147,14 +147,12 @@ pub fn train(
             )
         })?)
     } else {
-        if checkpoint::latest(&out).ok().flatten().is_some() {
-            if !opts.overwrite {
-                return Err(TrainerError::checkpoint(
-                    &out,
-                    "already holds checkpoints: pass --resume to continue that run or \
-                     --overwrite to start again",
-                ));
-            }
+        if !opts.overwrite && out.join(checkpoint::LATEST).exists() {
+            return Err(TrainerError::checkpoint(
+                &out,
+                "already holds checkpoints: pass --resume to continue that run or \
+                 --overwrite to start again",
+            ));
         }
         if opts.overwrite {
             checkpoint::remove_all(&out)?;
