@@ -53,27 +53,30 @@ pub struct DemoOptions {
 }
 
 impl Default for DemoOptions {
-    /// The settings `tigon demo` runs with (chosen by measurement; see the README).
+    /// The settings `tigon demo` runs with, chosen by measurement on a 2-core CPU: word
+    /// reversal is learned by a LoRA on this base within a few minutes (held-out exact
+    /// match climbing from 0), while 2-digit addition stayed near 0% at that budget (1% at
+    /// hidden 64 x 2 layers, 2% at 128 x 2, 150 steps).
     fn default() -> Self {
         DemoOptions {
             output: PathBuf::from("demo-out"),
-            steps: 300,
+            steps: 500,
             device: DeviceChoice::Auto,
             seed: 0,
             model: DemoModel {
-                hidden: 128,
-                intermediate: 256,
-                layers: 4,
+                hidden: 64,
+                intermediate: 128,
+                layers: 2,
                 heads: 4,
                 kv_heads: 4,
             },
-            task: DemoTask::Addition,
-            max_digits: 2,
+            task: DemoTask::Reversal,
+            max_digits: 5,
             train_examples: 4000,
             heldout_examples: 200,
             lora_r: 16,
             lora_alpha: 32.0,
-            lr: 2e-3,
+            lr: 1e-2,
             warmup_steps: 20,
             seq_len: 128,
             micro_batch: 8,
