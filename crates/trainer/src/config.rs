@@ -176,7 +176,9 @@ impl TrainConfig {
         let mut cfg = Self::from_toml_str(&text, &path.display().to_string())?;
         let base = path.parent().unwrap_or(Path::new(""));
         let fix = |p: &mut PathBuf| {
-            if p.is_relative() && !p.as_os_str().is_empty() {
+            if p.as_os_str() == "." {
+                *p = base.to_path_buf();
+            } else if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
         };

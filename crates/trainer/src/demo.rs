@@ -265,6 +265,7 @@ pub fn run_demo(opts: &DemoOptions, obs: &mut dyn Observer) -> Result<DemoReport
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).map_err(|e| TrainerError::io(&data_dir, e))?;
     let (train_path, held_path) = (data_dir.join("train.jsonl"), data_dir.join("heldout.jsonl"));
+
     write_atomic(
         &train_path,
         demo_data::to_jsonl(&train_set, demo_cfg.style).as_bytes(),
@@ -275,11 +276,13 @@ pub fn run_demo(opts: &DemoOptions, obs: &mut dyn Observer) -> Result<DemoReport
     )?;
     let prompts = demo_data::eval_prompts(&tok, &held_set, demo_cfg.style)?;
 
-    let cfg = TrainConfig {
-        model: base.clone(),
-        data: vec![train_path],
+    // The config is written with paths relative to the output folder and read back, so
+    // `tigon train --config {output}/train.toml` repeats (or `--resume`s) this very run.
+    let file_cfg = TrainConfig {
+        model: PathBuf::from("base"),
+        data: vec![PathBuf::from("data/train.jsonl")],
         format: DataFormat::Chat,
-        eval_data: Some(held_path),
+        eval_data: Some(PathBuf::from("data/heldout.jsonl")),
         seq_len: opts.seq_len,
         micro_batch: opts.micro_batch,
         grad_accum: 1,
@@ -295,11 +298,13 @@ pub fn run_demo(opts: &DemoOptions, obs: &mut dyn Observer) -> Result<DemoReport
         lora_alpha: opts.lora_alpha,
         target_modules: vec!["all-linear".into()],
         save_every: 0,
-        output: out.clone(),
+        output: PathBuf::from("."),
         device: opts.device,
         ..TrainConfig::default()
     };
-    write_atomic(&out.join("train.toml"), cfg.to_toml_string().as_bytes())?;
+    let cfg_path = out.join("train.toml");
+    write_atomic(&cfg_path, file_cfg.to_toml_string().as_bytes())?;
+    let cfg = TrainConfig::from_file(&cfg_path)?;
 
     // The base model alone (a fresh LoRA adapter has B = 0, so this is also the start).
     let (device, dtype) = pick_device(opts.device)?;
