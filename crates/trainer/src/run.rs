@@ -413,15 +413,13 @@ mod tests {
     use crate::demo::{write_demo_model, DemoModel};
     use tigon_train::demo_data::{generate, to_jsonl, DemoConfig, DemoStyle, DemoTask};
 
-    /// A demo-shaped run, scaled down: the training loss must fall well below its start.
-    #[test]
-    fn demo_size_training_loss_falls() {
-        let dir = std::env::temp_dir().join(format!("tigon-run-falls-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+    /// A tiny model folder and chat data (demo addition) under `dir`, and a config for them.
+    fn tiny_setup(dir: &Path, layers: usize) -> TrainConfig {
+        let _ = std::fs::remove_dir_all(dir);
         let model = DemoModel {
             hidden: 32,
             intermediate: 64,
-            layers: 1,
+            layers,
             heads: 2,
             kv_heads: 1,
         };
@@ -440,7 +438,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("held.jsonl"), to_jsonl(&held, DemoStyle::Chat)).unwrap();
-        let cfg = TrainConfig {
+        TrainConfig {
             model: dir.join("base"),
             data: vec![dir.join("train.jsonl")],
             eval_data: Some(dir.join("held.jsonl")),
@@ -454,7 +452,91 @@ mod tests {
             output: dir.join("out"),
             device: DeviceChoice::Cpu,
             ..TrainConfig::default()
+        }
+    }
+
+    /// Two micro-batches of 2 rows accumulate to the step one micro-batch of the same 4 rows
+    /// takes: the loss is normalised by the trained tokens of the whole step.
+    #[test]
+    fn accumulation_matches_one_big_batch() {
+        let dir = std::env::temp_dir().join(format!("tigon-run-accum-{}", std::process::id()));
+        let base = TrainConfig {
+            steps: Some(4),
+            eval_every: 0,
+            eval_data: None,
+            ..tiny_setup(&dir, 1)
         };
+        let one = TrainConfig {
+            output: dir.join("one"),
+            ..base.clone()
+        };
+        let two = TrainConfig {
+            micro_batch: 2,
+            grad_accum: 2,
+            output: dir.join("two"),
+            ..base
+        };
+        let a = train(&one, "one", RunOptions::default(), &mut Quiet).unwrap();
+        let b = train(&two, "two", RunOptions::default(), &mut Quiet).unwrap();
+        assert_eq!((a.records.len(), b.records.len()), (4, 4));
+        for (x, y) in a.records.iter().zip(&b.records) {
+            assert_eq!(x.tokens, y.tokens);
+            let close = |p: f64, q: f64| (p - q).abs() <= 1e-4 * p.abs().max(1e-3);
+            assert!(
+                close(x.loss, y.loss),
+                "step {}: {} vs {}",
+                x.step,
+                x.loss,
+                y.loss
+            );
+            assert!(
+                close(x.grad_norm, y.grad_norm),
+                "step {}: grad norm {} vs {}",
+                x.step,
+                x.grad_norm,
+                y.grad_norm
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A NaN in the base weights makes the first loss NaN: training stops naming the step.
+    #[test]
+    fn non_finite_loss_stops_naming_the_step() {
+        let dir = std::env::temp_dir().join(format!("tigon-run-nan-{}", std::process::id()));
+        let cfg = tiny_setup(&dir, 1);
+        let path = cfg.model.join(tigon_model::weights::SINGLE_FILE);
+        let w = tigon_model::Weights::open_file(&path).unwrap();
+        let mut tensors: Vec<(String, tigon_kernels::Tensor)> = w
+            .names()
+            .iter()
+            .map(|n| (n.clone(), w.get_any_shape(n, DType::F32).unwrap()))
+            .collect();
+        drop(w);
+        for (n, t) in tensors.iter_mut() {
+            if n == "lm_head.weight" {
+                let mut v = t.to_f32_vec().unwrap();
+                v[0] = f32::NAN;
+                *t = tigon_kernels::Tensor::from_f32(t.shape(), v).unwrap();
+            }
+        }
+        let refs: Vec<(&str, &tigon_kernels::Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        tigon_model::weights::write_safetensors(&path, &refs).unwrap();
+        let e = train(&cfg, "t", RunOptions::default(), &mut Quiet)
+            .err()
+            .expect("a NaN loss must stop training")
+            .to_string();
+        assert!(e.starts_with("step 1: the training loss is NaN"), "{e}");
+        assert!(!cfg.output.join("latest").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A demo-shaped run, scaled down: the training loss must fall well below its start.
+    #[test]
+    fn demo_size_training_loss_falls() {
+        let dir = std::env::temp_dir().join(format!("tigon-run-falls-{}", std::process::id()));
+        let cfg = tiny_setup(&dir, 1);
         let out = train(&cfg, "test", RunOptions::default(), &mut Quiet).unwrap();
         let losses: Vec<f64> = out.records.iter().map(|r| r.loss).collect();
         assert_eq!(losses.len(), 25);
