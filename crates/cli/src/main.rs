@@ -2,10 +2,12 @@
 
 mod bench_lora;
 mod bench_train;
+mod demo_cmd;
 mod eval_cmd;
 mod gpu;
 mod merge_cmd;
 mod parity_cmd;
+mod train_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,6 +38,12 @@ enum Command {
     /// Compare logits, loss and every LoRA gradient with HF transformers + PEFT on the
     /// fixtures of parity/hf_reference.py; one PASS/FAIL line per fixture.
     Parity(parity_cmd::ParityArgs),
+    /// Fine-tune a LoRA adapter from a TOML config and/or flags (every config key is also a
+    /// flag): JSONL data, checkpoints, --resume, metrics.jsonl and loss.png in --output.
+    Train(Box<train_cmd::TrainArgs>),
+    /// Fine-tune a LoRA adapter on a small built-in model and task (no download) and print
+    /// its held-out exact-match accuracy; writes the adapter, metrics and loss.png.
+    Demo(demo_cmd::DemoArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -63,6 +71,8 @@ fn main() {
         Command::Eval(args) => eval_cmd::eval(args),
         Command::Merge(args) => merge_cmd::merge(args),
         Command::Parity(args) => parity_cmd::parity(args),
+        Command::Train(args) => train_cmd::run(*args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Bench { what } => match what {
             BenchCommand::Kernels(args) => gpu::bench_kernels(args),
             BenchCommand::Train(args) => bench_train::bench_train(args),
