@@ -16,7 +16,7 @@ pub struct DemoArgs {
     /// Output folder: base model, data, config, checkpoints, adapter, metrics, loss.png.
     #[arg(long, default_value = "demo-out")]
     output: PathBuf,
-    /// Optimizer steps.
+    /// Optimizer steps (default 500).
     #[arg(long)]
     steps: Option<u64>,
     /// auto (GPU if found, else CPU), cpu or cuda.

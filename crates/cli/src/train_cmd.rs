@@ -40,8 +40,10 @@ pub struct TrainArgs {
     /// Fraction of training examples held out for evaluation.
     #[arg(long)]
     holdout: Option<f64>,
+    /// Tokens per row (the longest example).
     #[arg(long)]
     seq_len: Option<usize>,
+    /// Rows per micro-batch.
     #[arg(long)]
     micro_batch: Option<usize>,
     /// Micro-batches per optimizer step.
@@ -58,50 +60,67 @@ pub struct TrainArgs {
     /// skip or stop.
     #[arg(long)]
     bad_lines: Option<String>,
+    /// Held-out evaluation every N steps (0: only at the end).
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// Linear warm-up steps.
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// cosine, linear or constant.
     #[arg(long)]
     decay: Option<String>,
+    /// Learning rate at the end of the decay, as a fraction of --lr.
     #[arg(long)]
     min_lr_ratio: Option<f64>,
+    /// AdamW decoupled weight decay.
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// AdamW beta1.
     #[arg(long)]
     beta1: Option<f64>,
+    /// AdamW beta2.
     #[arg(long)]
     beta2: Option<f64>,
+    /// AdamW epsilon.
     #[arg(long)]
     eps: Option<f64>,
     /// 0 turns clipping off.
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Optimizer steps (or --epochs).
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<u64>,
+    /// Passes over the training data (or --steps).
     #[arg(long)]
     epochs: Option<f64>,
+    /// Seed of the adapter init, holdout split and data order.
     #[arg(long)]
     seed: Option<u64>,
+    /// LoRA rank.
     #[arg(long)]
     lora_r: Option<usize>,
+    /// LoRA alpha (scaling alpha / r).
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// LoRA dropout: must be 0 (the engine has none yet).
     #[arg(long)]
     lora_dropout: Option<f64>,
     /// Comma-separated projection names, or all-linear.
     #[arg(long, value_delimiter = ',')]
     target_modules: Vec<String>,
+    /// rsLoRA scaling alpha / sqrt(r).
     #[arg(long)]
     use_rslora: Option<bool>,
     /// Recompute activations in the backward instead of keeping them.
     #[arg(long)]
     activation_checkpointing: Option<bool>,
+    /// Checkpoint every N steps (0: only at the end).
     #[arg(long)]
     save_every: Option<u64>,
+    /// Output folder (checkpoints, adapter, metrics.jsonl, loss.png).
     #[arg(long)]
     output: Option<PathBuf>,
     /// auto, cpu or cuda.

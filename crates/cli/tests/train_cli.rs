@@ -89,7 +89,7 @@ fn trajectory(out: &Path) -> Vec<(u64, u64, u64, Option<u64>)> {
 #[test]
 fn sigkill_and_resume_match_an_uninterrupted_run() {
     let dir = TestDir::new("resume");
-    let steps = 40u64;
+    let steps = 24u64;
     let config = setup(&dir.0, steps, 3);
     let cfg = config.to_str().unwrap();
     let (a, b) = (dir.0.join("a"), dir.0.join("b"));
