@@ -11,8 +11,9 @@
 //! CUDA: bf16 with head_dim 64 or 128 runs FlashAttention-2-style tensor-core kernels
 //! (`mma.sync` m16n8k16, fp32 accumulation and softmax, P rounded to bf16 for the P V and
 //! dS products as FlashAttention does); f32 runs the simple one-warp-per-row kernels, which
-//! [`AttentionKernel::Simple`] also selects for bf16 as a GPU reference. Other head dims are
-//! an error on the GPU. `cu_seqlens` is validated on the host at every call: when it lives on
+//! [`AttentionKernel::Simple`] also selects for bf16 as a GPU reference. Other head dims up to
+//! 256 run the simple kernels (correct, not fast: tiny models such as the demo's); larger
+//! ones are an error on the GPU. `cu_seqlens` is validated on the host at every call: when it lives on
 //! the GPU that is one small download (a stream synchronisation); a host `cu_seqlens` is
 //! accepted too and uploaded.
 //!
@@ -235,13 +236,16 @@ fn gpu_of(tensors: &[(&'static str, &Tensor)], cu: &Tensor) -> Result<Option<Arc
     }
 }
 
+/// The simple kernels hold a row in 8 registers per lane: any head dim up to 256.
+const SIMPLE_MAX_HEAD_DIM: usize = 256;
+
 fn gpu_head_dim(d: usize) -> Result<()> {
-    if d == 64 || d == 128 {
+    if d <= SIMPLE_MAX_HEAD_DIM {
         return Ok(());
     }
     Err(KernelError::invalid(
         OP,
-        format!("the CUDA kernels support head_dim 64 and 128, got {d}"),
+        format!("the CUDA kernels support head_dim up to {SIMPLE_MAX_HEAD_DIM}, got {d}"),
     ))
 }
 
@@ -284,7 +288,7 @@ pub fn attention_forward_with(
         return Ok(AttentionForward { o, lse });
     }
     let docs = bounds.len() - 1;
-    if use_tensor_cores(q.dtype(), kernel) {
+    if use_tensor_cores(q.dtype(), dims.d, kernel) {
         let grid = tc_grid(max_seqlen, FWD_BM, dims.hq, docs)?;
         let f = gpu.function(&SOURCE, &format!("attn_fwd_tc_d{}", dims.d))?;
         let smem = (FWD_BM + 4 * FWD_BN) * dims.d * 2;
@@ -313,8 +317,8 @@ const FWD_THREADS: u32 = 128;
 const BWD_BN: usize = 128;
 const BWD_BM: usize = 64;
 
-fn use_tensor_cores(dtype: DType, kernel: AttentionKernel) -> bool {
-    kernel == AttentionKernel::Auto && dtype == DType::BF16
+fn use_tensor_cores(dtype: DType, d: usize, kernel: AttentionKernel) -> bool {
+    kernel == AttentionKernel::Auto && dtype == DType::BF16 && (d == 64 || d == 128)
 }
 
 /// Grid of (heads, documents, tiles of `max_seqlen`): tiles outermost so that the kernels can
@@ -417,7 +421,7 @@ pub fn attention_backward_with(
     );
     let sfx = q.dtype().kernel_suffix();
     let delta = Tensor::uninit_cuda(&gpu, &[dims.hq, dims.tokens], DType::F32)?;
-    if use_tensor_cores(q.dtype(), kernel) {
+    if use_tensor_cores(q.dtype(), dims.d, kernel) {
         let f = gpu.function(&SOURCE, &format!("attn_bwd_delta_d{}", dims.d))?;
         let threads = dims.tokens * dims.hq * dims.d / 8;
         launch!(gpu, f, (threads.div_ceil(256) as u32, 1, 1), (256, 1, 1), 0;
@@ -649,6 +653,15 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         ),
         (&[130, 1, 67, 64], 8, 2, 128, DType::BF16, "tile edges"),
         (&[5, 70, 33], 4, 2, 64, DType::F32, "f32"),
+        (
+            &[9, 100, 31],
+            4,
+            2,
+            16,
+            DType::BF16,
+            "small head dim: simple kernels",
+        ),
+        (&[3, 77], 6, 2, 96, DType::F32, "head dim 96, f32"),
         (
             &[2048, 2048, 2048, 2048],
             32,
