@@ -17,7 +17,7 @@ For each architecture this
 
 The fixture must travel with the checkout to the GPU machine (it is not committed):
 generate it inside the repository, e.g. into ./interop_fixture, before `run`. Step 5's
-output is checked with `cargo run -p tigon-model --example peft_check -- OUT`. Written for
+output is checked with `cargo run --release -p tigon-engine --example peft_check -- FIXTURE OUT`. Written for
 transformers 5.x (`dtype=`) and PEFT 0.21.
 """
 
