@@ -922,9 +922,8 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         let uf = attention_forward_unfused(&gq, &gk, &gv, &cu_dev, max_seqlen, &p)?;
         lines.push(compare(OP, &case, "o(unfused)", &uf.o, &f.o)?);
         lines.push(compare(OP, &case, "lse(unfused)", &uf.lse, &f.lse)?);
-        let ub = attention_backward_unfused(
-            &gdout, &gq, &gk, &gv, &go, &glse, &cu_dev, max_seqlen, &p,
-        )?;
+        let ub =
+            attention_backward_unfused(&gdout, &gq, &gk, &gv, &go, &glse, &cu_dev, max_seqlen, &p)?;
         lines.push(compare(OP, &case, "dq(unfused)", &ub.dq, &b.dq)?);
         lines.push(compare(OP, &case, "dk(unfused)", &ub.dk, &b.dk)?);
         lines.push(compare(OP, &case, "dv(unfused)", &ub.dv, &b.dv)?);
