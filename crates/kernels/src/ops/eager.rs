@@ -30,6 +30,8 @@ pub enum UnaryOp {
     Tanh = 10,
     /// `min(x, s)`: torch's `clamp(max=s)`.
     MinScalar = 11,
+    /// `s / x`.
+    ScalarDiv = 12,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +51,8 @@ pub enum Broadcast {
     Row = 1,
     /// `b` holds one value per row of `a`.
     PerRow = 2,
+    /// `b` is one value (a device scalar).
+    Scalar = 3,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +100,7 @@ pub fn binary(
         Broadcast::None => a.elem_count(),
         Broadcast::Row => cols,
         Broadcast::PerRow => rows,
+        Broadcast::Scalar => 1,
     };
     if b.elem_count() != need {
         return Err(KernelError::shape(
