@@ -178,6 +178,61 @@ mod tests {
         }
     }
 
+    /// Every fusion switch off, some off, or all on: on the CPU each op has one
+    /// implementation, so the loss, the LoRA gradients, the AdamW update (with clipping) and
+    /// the evaluation loss are bitwise the same; the run goes through every dispatch point,
+    /// with and without checkpointing.
+    #[test]
+    fn fusion_switches_run_every_path() {
+        use crate::fusion::Fusion;
+        use tigon_kernels::ops::adamw::AdamW;
+        for name in ["tiny_llama", "tiny_qwen2"] {
+            let dir = fixture(name);
+            let run = |fusion: Fusion, checkpointing: bool| {
+                let weights =
+                    ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+                let adapter =
+                    Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
+                let lora =
+                    LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
+                let mut decoder = Decoder::new(weights, lora).unwrap();
+                decoder.checkpointing = checkpointing;
+                decoder.fusion = fusion;
+                let batch = read_batch(&dir.join("batch.json")).unwrap();
+                let loss = decoder.forward_backward(&batch, None).unwrap();
+                let mut out = vec![loss.loss.to_f32_vec().unwrap()];
+                for (_, _, t) in decoder.lora.iter() {
+                    out.push(t.da.to_f32_vec().unwrap());
+                    out.push(t.db.to_f32_vec().unwrap());
+                }
+                let norm = decoder
+                    .optimizer_step(1, &AdamW::default(), Some(1e-3))
+                    .unwrap();
+                out.push(norm.to_f32_vec().unwrap());
+                for (_, _, t) in decoder.lora.iter() {
+                    out.push(t.a.to_f32_vec().unwrap());
+                    out.push(t.b.to_f32_vec().unwrap());
+                    out.push(t.da.to_f32_vec().unwrap());
+                }
+                let (sum, n) = decoder.eval_loss(&batch).unwrap();
+                out.push(vec![sum as f32, n as f32]);
+                out
+            };
+            let reference = run(Fusion::all(), false);
+            let mixed: Fusion = "all,-attention,-rms_norm,-adamw".parse().unwrap();
+            for (fusion, ckpt) in [
+                (Fusion::none(), false),
+                (Fusion::none(), true),
+                (mixed, true),
+            ] {
+                assert!(
+                    run(fusion, ckpt) == reference,
+                    "{name}: fusion {fusion}, checkpointing {ckpt}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn tiny_llama_matches_hf_peft() {
         assert_parity("tiny_llama");
