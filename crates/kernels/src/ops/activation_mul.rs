@@ -113,14 +113,35 @@ fn kernel(
     (name, grid, threads as u32)
 }
 
-/// `y = act(gate) * up`, same shape and dtype as `gate`.
-pub fn gated_act_forward(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
+/// The forward's inputs checked; the GPU they are on (None: the CPU).
+fn check_forward(act: GatedAct, gate: &Tensor, up: &Tensor) -> Result<Option<Arc<Gpu>>> {
     let op = act.op_name();
     check_dtype(op, "gate", gate)?;
     expect_dtype(op, "up", up, &[gate.dtype()])?;
     expect_shape(op, "up", up, gate.shape())?;
+    common_gpu(op, &[("gate", gate), ("up", up)])
+}
+
+/// The backward's inputs checked; the GPU they are on (None: the CPU).
+fn check_backward(
+    act: GatedAct,
+    dy: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Option<Arc<Gpu>>> {
+    let op = act.op_name();
+    check_dtype(op, "gate", gate)?;
+    expect_dtype(op, "up", up, &[gate.dtype()])?;
+    expect_dtype(op, "dy", dy, &[gate.dtype()])?;
+    expect_shape(op, "up", up, gate.shape())?;
+    expect_shape(op, "dy", dy, gate.shape())?;
+    common_gpu(op, &[("dy", dy), ("gate", gate), ("up", up)])
+}
+
+/// `y = act(gate) * up`, same shape and dtype as `gate`.
+pub fn gated_act_forward(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
     let n = gate.elem_count();
-    match common_gpu(op, &[("gate", gate), ("up", up)])? {
+    match check_forward(act, gate, up)? {
         None => {
             let (rows, cols) = gate.rows_cols();
             let (g, u) = (gate.cpu_f32(), up.cpu_f32());
@@ -149,14 +170,8 @@ pub fn gated_act_backward(
     up: &mut Tensor,
     act: GatedAct,
 ) -> Result<()> {
-    let op = act.op_name();
-    check_dtype(op, "gate", gate)?;
-    expect_dtype(op, "up", up, &[gate.dtype()])?;
-    expect_dtype(op, "dy", dy, &[gate.dtype()])?;
-    expect_shape(op, "up", up, gate.shape())?;
-    expect_shape(op, "dy", dy, gate.shape())?;
     let n = gate.elem_count();
-    match common_gpu(op, &[("dy", dy), ("gate", gate), ("up", up)])? {
+    match check_backward(act, dy, gate, up)? {
         None => {
             let (rows, cols) = gate.rows_cols();
             let (dg, du) = {
@@ -191,11 +206,7 @@ fn eager_act(act: GatedAct) -> (UnaryOp, eager::ActGrad) {
 /// [`gated_act_forward`] as HF's MLP runs it eagerly: `a = act(gate)` stored in the
 /// activation dtype, then `a * up`. Same output. On the CPU this runs the reference.
 pub fn gated_act_forward_unfused(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
-    let op = act.op_name();
-    check_dtype(op, "gate", gate)?;
-    expect_dtype(op, "up", up, &[gate.dtype()])?;
-    expect_shape(op, "up", up, gate.shape())?;
-    if common_gpu(op, &[("gate", gate), ("up", up)])?.is_none() {
+    if check_forward(act, gate, up)?.is_none() {
         return gated_act_forward(gate, up, act);
     }
     let dt = gate.dtype();
@@ -213,13 +224,7 @@ pub fn gated_act_backward_unfused(
     up: &mut Tensor,
     act: GatedAct,
 ) -> Result<()> {
-    let op = act.op_name();
-    check_dtype(op, "gate", gate)?;
-    expect_dtype(op, "up", up, &[gate.dtype()])?;
-    expect_dtype(op, "dy", dy, &[gate.dtype()])?;
-    expect_shape(op, "up", up, gate.shape())?;
-    expect_shape(op, "dy", dy, gate.shape())?;
-    if common_gpu(op, &[("dy", dy), ("gate", gate), ("up", up)])?.is_none() {
+    if check_backward(act, dy, gate, up)?.is_none() {
         return gated_act_backward(dy, gate, up, act);
     }
     let dt = gate.dtype();

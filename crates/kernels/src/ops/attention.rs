@@ -531,6 +531,31 @@ fn heads_gemm(
     })
 }
 
+/// One document's scores `scale q k^T` (`[heads, n, n]` in q's dtype, one batched GEMM over
+/// the query heads of `kx`, the kv heads already repeated) and their causal softmax (with
+/// the log-sum-exp written into `lse` when given); returns both.
+fn doc_probs(
+    gpu: &Arc<Gpu>,
+    (q, kx): (&Tensor, &Tensor),
+    (start, n): (usize, usize),
+    p: &Attention,
+    lse: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (hq, d, dt) = (p.q_heads, p.head_dim, q.dtype());
+    let s = Tensor::uninit_cuda(gpu, &[hq, n, n], dt)?;
+    heads_gemm(
+        gpu,
+        (n, n, d),
+        (Heads::Tokens(q, start, hq, d), false),
+        (Heads::Tokens(kx, start, hq, d), true),
+        Heads::Square(&s, n),
+        p.softmax_scale,
+        hq,
+    )?;
+    let pr = eager::causal_softmax(&s, n, dt, lse.map(|l| (l, start)))?;
+    Ok((s, pr))
+}
+
 /// [`attention_forward`] as HF's "eager" attention runs it: `repeat_kv` for the kv heads,
 /// then per document (the per-document mask of `cu_seqlens`: no score across documents is
 /// ever formed) the materialized `[heads, n, n]` scores `scale q k^T` (one batched GEMM,
@@ -559,18 +584,7 @@ pub fn attention_forward_unfused(
     let lse = Tensor::uninit_cuda(&gpu, &[hq, tokens], DType::F32)?;
     let at = |t, start| Heads::Tokens(t, start, hq, d);
     for (start, n) in documents(&bounds) {
-        let s = Tensor::uninit_cuda(&gpu, &[hq, n, n], dt)?;
-        let sq = Heads::Square(&s, n);
-        heads_gemm(
-            &gpu,
-            (n, n, d),
-            (at(q, start), false),
-            (at(&kx, start), true),
-            sq,
-            p.softmax_scale,
-            hq,
-        )?;
-        let pr = eager::causal_softmax(&s, n, dt, Some((&lse, start)))?;
+        let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, Some(&lse))?;
         drop(s);
         heads_gemm(
             &gpu,
@@ -616,17 +630,7 @@ pub fn attention_backward_unfused(
     let dvx = Tensor::uninit_cuda(&gpu, &[tokens, hq, d], dt)?;
     let at = |t, start| Heads::Tokens(t, start, hq, d);
     for (start, n) in documents(&bounds) {
-        let s = Tensor::uninit_cuda(&gpu, &[hq, n, n], dt)?;
-        heads_gemm(
-            &gpu,
-            (n, n, d),
-            (at(q, start), false),
-            (at(&kx, start), true),
-            Heads::Square(&s, n),
-            scale,
-            hq,
-        )?;
-        let pr = eager::causal_softmax(&s, n, dt, None)?;
+        let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, None)?;
         // The scores' buffer takes dP.
         heads_gemm(
             &gpu,

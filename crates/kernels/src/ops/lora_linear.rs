@@ -159,12 +159,12 @@ fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Ten
     }
 }
 
-/// `y = x W^T (+ bias) + s (x_d A^T) B^T` with `x_d = x_lora.unwrap_or(x)`; saves `x_d A^T`.
-pub fn lora_linear_forward(
+/// The forward's inputs checked: the layer's sizes and the GPU (None: the CPU).
+fn check_forward(
     layer: &LoraLinear,
     x: &Tensor,
     x_lora: Option<&Tensor>,
-) -> Result<LoraForward> {
+) -> Result<(Dims, Option<Arc<Gpu>>)> {
     let d = check_layer(layer, x)?;
     if let Some(xl) = x_lora {
         expect_dtype(OP, "x_lora", xl, &[x.dtype()])?;
@@ -173,7 +173,16 @@ pub fn lora_linear_forward(
     let mut tensors = vec![("x", x), ("w", layer.w), ("a", layer.a), ("b", layer.b)];
     tensors.extend(layer.bias.map(|t| ("bias", t)));
     tensors.extend(x_lora.map(|t| ("x_lora", t)));
-    let gpu = common_gpu(OP, &tensors)?;
+    Ok((d, common_gpu(OP, &tensors)?))
+}
+
+/// `y = x W^T (+ bias) + s (x_d A^T) B^T` with `x_d = x_lora.unwrap_or(x)`; saves `x_d A^T`.
+pub fn lora_linear_forward(
+    layer: &LoraLinear,
+    x: &Tensor,
+    x_lora: Option<&Tensor>,
+) -> Result<LoraForward> {
+    let (d, gpu) = check_forward(layer, x, x_lora)?;
     let dt = x.dtype();
     let (mut a_slot, mut b_slot) = (None, None);
     let a = as_dtype(layer.a, dt, &mut a_slot)?;
@@ -337,15 +346,8 @@ pub fn lora_linear_forward_unfused(
     x: &Tensor,
     x_lora: Option<&Tensor>,
 ) -> Result<LoraForward> {
-    let d = check_layer(layer, x)?;
-    if let Some(xl) = x_lora {
-        expect_dtype(OP, "x_lora", xl, &[x.dtype()])?;
-        expect_shape(OP, "x_lora", xl, x.shape())?;
-    }
-    let mut tensors = vec![("x", x), ("w", layer.w), ("a", layer.a), ("b", layer.b)];
-    tensors.extend(layer.bias.map(|t| ("bias", t)));
-    tensors.extend(x_lora.map(|t| ("x_lora", t)));
-    if common_gpu(OP, &tensors)?.is_none() {
+    let (d, gpu) = check_forward(layer, x, x_lora)?;
+    if gpu.is_none() {
         return lora_linear_forward(layer, x, x_lora);
     }
     let dt = x.dtype();
