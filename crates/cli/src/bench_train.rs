@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use tigon_engine::{Batch, Decoder, EngineError, LoraState};
+use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState};
 use tigon_kernels::cuda::timing::Mark;
 use tigon_kernels::ops::adamw::AdamW;
 use tigon_kernels::{DType, Device, Gpu, KernelError};
@@ -49,6 +49,12 @@ pub struct BenchTrainArgs {
     /// Activation checkpointing: keep each layer's input, recompute the rest in backward.
     #[arg(long)]
     checkpointing: bool,
+    /// Which ops run as fused kernels: `all` (default), `none` (every op as the plain
+    /// composition of one-op kernels and GEMMs), a list of the ops to fuse
+    /// (`rms_norm,swiglu`), or `all,-op,...`. Ops: rms_norm, rope, swiglu, attention,
+    /// linear_cross_entropy, lora_linear, adamw.
+    #[arg(long, default_value = "all")]
+    fusion: Fusion,
     /// Start from this PEFT adapter folder instead of a new adapter (same start as the
     /// Python side).
     #[arg(long)]
@@ -335,6 +341,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
         "batch": batches.batch,
         "seq": batches.seq,
         "checkpointing": args.checkpointing,
+        "fusion": args.fusion.to_string(),
         "gpu": gpu.as_ref().map(|g| g.name().to_string()).unwrap_or_else(|| "cpu".into()),
         "date": utc_date(),
         "warmup": args.warmup,
@@ -396,6 +403,7 @@ fn run(
     let trainable = lora.param_count();
     let mut decoder = Decoder::new(weights, lora)?;
     decoder.checkpointing = args.checkpointing;
+    decoder.fusion = args.fusion;
     let load_s = t_load.elapsed().as_secs_f64();
     let all: Vec<Batch> = (0..args.warmup + args.steps)
         .map(|s| batches.batch(s))
@@ -501,11 +509,12 @@ fn print_summary(r: &Value) {
         None => "- (no pool statistics on the CPU)".into(),
     };
     println!(
-        "tigon {} batch {} x seq {} checkpointing {}: {:.0} tok/s (median step {:.1} ms), peak {peak}, MFU {:.1}%",
+        "tigon {} batch {} x seq {} checkpointing {} fusion {}: {:.0} tok/s (median step {:.1} ms), peak {peak}, MFU {:.1}%",
         r["shape"].as_str().unwrap_or("-"),
         r["batch"],
         r["seq"],
         if r["checkpointing"].as_bool() == Some(true) { "on" } else { "off" },
+        r["fusion"].as_str().unwrap_or("all"),
         f("tok_s"),
         f("median_step_ms"),
         100.0 * f("mfu"),
@@ -733,6 +742,7 @@ mod tests {
             (Some(2), Some(12))
         );
         assert_eq!(r["checkpointing"], false);
+        assert_eq!(r["fusion"], "all");
         assert_eq!(r["gpu"], "cpu");
         assert_eq!(r["tokens_per_step"], 24);
         let losses = r["losses"].as_array().unwrap();
@@ -805,5 +815,40 @@ mod tests {
         // zero, so step 0 is the base model either way).
         assert_eq!(a["losses"][0], c["losses"][0]);
         assert_ne!(a["losses"], c["losses"]);
+    }
+
+    /// `--fusion` reaches the decoder and the JSON; on the CPU every op has one
+    /// implementation, so an unfused run gives the same losses.
+    #[test]
+    fn fusion_spec_is_recorded_and_bad_specs_are_refused() {
+        let s = Scratch::new("fusion");
+        let (model, batches) = fixture(&s.0, 5);
+        let all = run_cpu(&model, &batches, &s.0.join("a.json"), &[]);
+        let none = run_cpu(
+            &model,
+            &batches,
+            &s.0.join("n.json"),
+            &["--fusion", "none", "--checkpointing"],
+        );
+        let some = run_cpu(
+            &model,
+            &batches,
+            &s.0.join("s.json"),
+            &["--fusion", "all,-attention,-adamw"],
+        );
+        assert_eq!(none["fusion"], "none");
+        assert_eq!(some["fusion"], "all,-attention,-adamw");
+        assert_eq!(all["losses"], none["losses"]);
+        assert_eq!(all["losses"], some["losses"]);
+        let m = model.to_str().unwrap();
+        let b = batches.to_str().unwrap();
+        let e = Cli::try_parse_from(["x", "--model", m, "--batches", b, "--fusion", "all,-flash"])
+            .err()
+            .expect("an unknown op is refused")
+            .to_string();
+        assert!(
+            e.contains("unknown op `flash`") && e.contains("lora_linear"),
+            "{e}"
+        );
     }
 }

@@ -3,11 +3,14 @@
 //! synthetic batch (each row repeats a random segment, so the second half is predictable
 //! from the first), a few AdamW steps with the loss and step time printed per step.
 //!
-//!     engine_smoke [preset=llama-3.2-1b] [batch=4] [seq=2048] [steps=10] [ckpt=0|1]
+//!     engine_smoke [preset=llama-3.2-1b] [batch=4] [seq=2048] [steps=10] [ckpt=0|1] [fusion=all]
+//!
+//! `fusion` picks the fused kernels (see `tigon_engine::Fusion`): `all`, `none` (every op as
+//! its plain composition), a list of the ops to fuse, or `all,-op,...`.
 
 use std::time::Instant;
 
-use tigon_engine::{Batch, Decoder, LoraState};
+use tigon_engine::{Batch, Decoder, Fusion, LoraState};
 use tigon_kernels::ops::adamw::AdamW;
 use tigon_kernels::rng::Rng;
 use tigon_kernels::{DType, Device, Gpu};
@@ -23,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         arg(3, "10").parse()?,
     );
     let checkpointing = arg(4, "0") == "1";
+    let fusion: Fusion = arg(5, "all").parse()?;
     let config = match preset.as_str() {
         "llama-3.2-1b" => ModelConfig::llama_3_2_1b(),
         "llama-3-8b" => ModelConfig::llama_3_8b(),
@@ -56,6 +60,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lora = LoraState::from_adapter(&adapter, &weights.config, &device)?;
     let mut decoder = Decoder::new(weights, lora)?;
     decoder.checkpointing = checkpointing;
+    decoder.fusion = fusion;
+    println!("fusion {fusion}, checkpointing {checkpointing}");
 
     let mut rng = Rng::new(3);
     let vocab = decoder.spec.vocab;

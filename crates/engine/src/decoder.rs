@@ -2,19 +2,16 @@
 //! One call runs the forward and the backward of a micro-batch and accumulates the LoRA
 //! gradients; the optimizer step is separate so micro-batches can accumulate.
 
-use tigon_kernels::ops::adamw::{adamw_step, grad_norm, AdamW, AdamWTensors};
+use tigon_kernels::ops::adamw::{AdamW, AdamWTensors};
 use tigon_kernels::ops::cross_entropy::CrossEntropy;
 use tigon_kernels::ops::embedding::embedding_forward;
-use tigon_kernels::ops::fused_linear_cross_entropy::{
-    fused_linear_cross_entropy, FusedLinearCrossEntropy,
-};
+use tigon_kernels::ops::fused_linear_cross_entropy::FusedLinearCrossEntropy;
 use tigon_kernels::ops::matmul::matmul;
-use tigon_kernels::ops::rms_norm::{
-    rms_norm_backward_inplace, rms_norm_forward, RmsNorm, RmsNormKind,
-};
+use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
 use tigon_kernels::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::fusion::Fusion;
 use crate::layer::{BatchCtx, Layer};
 use crate::lora::LoraState;
 use crate::spec::DecoderSpec;
@@ -127,6 +124,9 @@ pub struct Decoder {
     pub device: Device,
     /// Keep only each layer's input in the forward and recompute the rest in the backward.
     pub checkpointing: bool,
+    /// Which ops run as fused kernels and which as plain compositions (training, evaluation
+    /// and the optimizer alike); [`Fusion::all`] by default.
+    pub fusion: Fusion,
 }
 
 /// The result of one micro-batch: the loss stays on the device until asked for.
@@ -155,7 +155,16 @@ impl Decoder {
             lora,
             device,
             checkpointing: false,
+            fusion: Fusion::all(),
         })
+    }
+
+    fn layer(&self, i: usize) -> Layer<'_> {
+        Layer {
+            spec: &self.spec,
+            w: &self.weights.layers[i],
+            fusion: self.fusion,
+        }
     }
 
     fn norm(&self) -> RmsNorm {
@@ -187,14 +196,16 @@ impl Decoder {
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
         let ctx = self.ctx(batch)?;
         let mut x = self.embed(batch)?;
-        for (i, w) in self.weights.layers.iter().enumerate() {
-            let layer = Layer {
-                spec: &self.spec,
-                w,
-            };
-            x = layer.forward(&self.lora.layers[i], &x, &ctx, false)?.0;
+        for i in 0..self.spec.layers {
+            x = self
+                .layer(i)
+                .forward(&self.lora.layers[i], &x, &ctx, false)?
+                .0;
         }
-        Ok(rms_norm_forward(&x, &self.weights.norm, self.norm())?.y)
+        Ok(self
+            .fusion
+            .rms_norm_forward(&x, &self.weights.norm, self.norm())?
+            .y)
     }
 
     /// Full logits `[tokens, vocab]` (in the compute dtype): for parity tests and small evals.
@@ -217,7 +228,9 @@ impl Decoder {
             },
             chunk_tokens: None,
         };
-        let out = fused_linear_cross_entropy(&h, self.weights.lm_head(), &targets, &p, None)?;
+        let out = self
+            .fusion
+            .linear_cross_entropy(&h, self.weights.lm_head(), &targets, &p)?;
         Ok((out.loss.to_f32_vec()?[0] as f64, out.n_valid))
     }
 
@@ -238,13 +251,11 @@ impl Decoder {
         // ids is cheaper than holding it through the step.
         let mut inputs: Vec<Option<Tensor>> = vec![Some(self.embed(batch)?)];
         let mut saved = Vec::with_capacity(self.spec.layers);
-        for (i, w) in self.weights.layers.iter().enumerate() {
-            let layer = Layer {
-                spec: &self.spec,
-                w,
-            };
+        for i in 0..self.spec.layers {
             let x = inputs[i].as_ref().expect("layer input");
-            let (out, s) = layer.forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
+            let (out, s) =
+                self.layer(i)
+                    .forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
             saved.push(s);
             inputs.push(Some(out));
             if i == 0 && self.checkpointing {
@@ -255,7 +266,9 @@ impl Decoder {
             .pop()
             .flatten()
             .expect("one input per layer plus the output");
-        let fin = rms_norm_forward(&last, &self.weights.norm, self.norm())?;
+        let fin = self
+            .fusion
+            .rms_norm_forward(&last, &self.weights.norm, self.norm())?;
         let targets =
             Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
         let p = FusedLinearCrossEntropy {
@@ -265,15 +278,24 @@ impl Decoder {
             },
             chunk_tokens: None,
         };
-        let loss = fused_linear_cross_entropy(&fin.y, self.weights.lm_head(), &targets, &p, None)?;
+        let loss =
+            self.fusion
+                .linear_cross_entropy(&fin.y, self.weights.lm_head(), &targets, &p)?;
         drop(fin.y);
         let mut dx = loss.dh;
-        rms_norm_backward_inplace(&mut dx, &last, &self.weights.norm, &fin.rstd, self.norm())?;
+        self.fusion.rms_norm_backward_inplace(
+            &mut dx,
+            &last,
+            &self.weights.norm,
+            &fin.rstd,
+            self.norm(),
+        )?;
         drop(last);
         for i in (0..self.spec.layers).rev() {
             let layer = Layer {
                 spec: &self.spec,
                 w: &self.weights.layers[i],
+                fusion: self.fusion,
             };
             let x = match inputs.pop().flatten() {
                 Some(x) => x,
@@ -315,7 +337,7 @@ impl Decoder {
                 .iter()
                 .flat_map(|(_, _, t)| [&t.da, &t.db])
                 .collect();
-            grad_norm(&grads)?
+            self.fusion.grad_norm(&grads)?
         };
         let mut tensors = Vec::new();
         for (_, _, t) in self.lora.iter_mut() {
@@ -332,13 +354,8 @@ impl Decoder {
                 v: &mut t.vb,
             });
         }
-        adamw_step(
-            &mut tensors,
-            step,
-            p,
-            max_grad_norm.map(|m| (m, &norm)),
-            true,
-        )?;
+        let fusion = self.fusion;
+        fusion.adamw_step(&mut tensors, step, p, max_grad_norm.map(|m| (m, &norm)))?;
         Ok(norm)
     }
 }

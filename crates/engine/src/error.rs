@@ -13,6 +13,8 @@ pub enum EngineError {
     Weights(String),
     #[error("lora: {0}")]
     Lora(String),
+    #[error("fusion: {0}")]
+    Fusion(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -12,6 +12,9 @@
 //! m = silu(g) * u                        saved: m
 //! out = x2 + m Wd
 //! ```
+//! Every op goes through the layer's [`Fusion`] switches: fused kernel or plain
+//! composition, with the same saved tensors either way, so checkpointing, recomputation and
+//! the backward work alike in both modes.
 //! The layer input `x` is kept by the caller (it is the activation checkpoint). With
 //! checkpointing the forward runs twice: once keeping nothing, then again just before this
 //! layer's backward ([`Layer::recompute`], which skips the down projection's GEMM: its
@@ -19,20 +22,15 @@
 //! the last time; the down projection takes its dA and dB before its dx is allocated, so
 //! `m` and its gradient are never live together.
 
-use tigon_kernels::ops::activation_mul::{gated_act_backward, gated_act_forward, GatedAct};
-use tigon_kernels::ops::attention::{attention_backward, attention_forward, Attention};
+use tigon_kernels::ops::attention::Attention;
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
-use tigon_kernels::ops::lora_linear::{
-    lora_linear_backward, lora_linear_backward_dx, lora_linear_forward, lora_linear_xa, LoraLinear,
-};
+use tigon_kernels::ops::lora_linear::{lora_linear_xa, LoraLinear};
 use tigon_kernels::ops::matmul::matmul;
-use tigon_kernels::ops::rms_norm::{
-    rms_norm_backward, rms_norm_backward_inplace, rms_norm_forward, RmsNorm, RmsNormKind,
-};
-use tigon_kernels::ops::rope::{rope_backward, rope_forward};
+use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
 use tigon_kernels::Tensor;
 
 use crate::error::Result;
+use crate::fusion::Fusion;
 use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
@@ -74,6 +72,8 @@ struct HeadNormSaved {
 pub struct Layer<'a> {
     pub spec: &'a DecoderSpec,
     pub w: &'a LayerWeights,
+    /// Which ops run fused: every op of the layer goes through it.
+    pub fusion: Fusion,
 }
 
 fn norm(spec: &DecoderSpec) -> RmsNorm {
@@ -113,7 +113,7 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
-                let out = lora_linear_forward(&layer, x, None)?;
+                let out = self.fusion.lora_forward(&layer, x)?;
                 Ok((out.y, Some(out.xa)))
             }
             None => {
@@ -145,7 +145,9 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
-                let dx = lora_linear_backward(&layer, dy, x, xa, &mut l.da, &mut l.db, true)?;
+                let dx = self
+                    .fusion
+                    .lora_backward(&layer, dy, x, xa, &mut l.da, &mut l.db, true)?;
                 Ok(dx.expect("need_dx was set"))
             }
             _ => Ok(matmul(dy, false, w, false, dy.dtype())?),
@@ -184,9 +186,10 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
-                lora_linear_backward(&layer, dy, &act, xa, &mut l.da, &mut l.db, false)?;
+                self.fusion
+                    .lora_backward(&layer, dy, &act, xa, &mut l.da, &mut l.db, false)?;
                 drop(act);
-                Ok(lora_linear_backward_dx(&layer, dy)?)
+                Ok(self.fusion.lora_backward_dx(&layer, dy)?)
             }
             _ => {
                 drop(act);
@@ -211,7 +214,7 @@ impl Layer<'_> {
         let shape = t.shape().to_vec();
         let rows = t.elem_count() / s.head_dim;
         let pre = t.reshape(&[rows, s.head_dim])?;
-        let out = rms_norm_forward(&pre, w, norm(s))?;
+        let out = self.fusion.rms_norm_forward(&pre, w, norm(s))?;
         Ok((out.y.reshape(&shape)?, pre, out.rstd))
     }
 
@@ -226,8 +229,8 @@ impl Layer<'_> {
         let w = self.head_norm_weight(which);
         let shape = d.shape().to_vec();
         let d = d.reshape(pre.shape())?;
-        let out = rms_norm_backward(&d, pre, w, rstd, norm(s), false)?;
-        Ok(out.dx.reshape(&shape)?)
+        let dx = self.fusion.rms_norm_backward(&d, pre, w, rstd, norm(s))?;
+        Ok(dx.reshape(&shape)?)
     }
 
     /// The layer's output, and what its backward needs when `save` is set.
@@ -257,7 +260,9 @@ impl Layer<'_> {
         want_output: bool,
     ) -> Result<(Option<Tensor>, Saved)> {
         let s = self.spec;
-        let n1 = rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
+        let n1 = self
+            .fusion
+            .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
         let (k, xa_k) = self.project(lora, Proj::K, &n1.y)?;
         let (v, xa_v) = self.project(lora, Proj::V, &n1.y)?;
@@ -277,23 +282,24 @@ impl Layer<'_> {
         } else {
             (q, k, None)
         };
-        rope_forward(&mut q, &mut k, &ctx.positions, &s.rope)?;
-        let att = attention_forward(
-            &q,
-            &k,
-            &v,
+        self.fusion
+            .rope_forward(&mut q, &mut k, &ctx.positions, &s.rope)?;
+        let att = self.fusion.attention_forward(
+            (&q, &k, &v),
             &ctx.cu_seqlens,
             ctx.max_seqlen,
             &self.attention(),
         )?;
         let (mut x2, xa_o) = self.project(lora, Proj::O, &att.o)?;
         add_inplace(&mut x2, x, 1.0)?;
-        let n2 = rms_norm_forward(&x2, &self.w.post_attention_layernorm, norm(s))?;
+        let n2 = self
+            .fusion
+            .rms_norm_forward(&x2, &self.w.post_attention_layernorm, norm(s))?;
         let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
         let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
         // h1 is recomputed in the backward (one cheap norm) rather than held through it.
         drop(n1);
-        let act = gated_act_forward(&gate, &up, GatedAct::Silu)?;
+        let act = self.fusion.swiglu_forward(&gate, &up)?;
         let (out, xa_d) = if want_output {
             let (mut out, xa_d) = self.project(lora, Proj::Down, &act)?;
             add_inplace(&mut out, &x2, 1.0)?;
@@ -350,13 +356,13 @@ impl Layer<'_> {
             act,
         } = saved;
         let dact = self.down_backward(lora, &dout, act, xa[6].as_ref())?;
-        gated_act_backward(&dact, &mut gate, &mut up, GatedAct::Silu)?;
+        self.fusion.swiglu_backward(&dact, &mut gate, &mut up)?;
         drop(dact);
         let mut dh2 = self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
         let dh2_up = self.project_backward(Proj::Up, lora, &up, &h2, xa[5].as_ref())?;
         add_inplace(&mut dh2, &dh2_up, 1.0)?;
         drop((gate, up, dh2_up, h2));
-        rms_norm_backward_inplace(
+        self.fusion.rms_norm_backward_inplace(
             &mut dh2,
             &x2,
             &self.w.post_attention_layernorm,
@@ -367,32 +373,38 @@ impl Layer<'_> {
         add_inplace(&mut dx2, &dout, 1.0)?;
         drop((dout, x2));
         let dattn = self.project_backward(Proj::O, lora, &dx2, &attn, xa[3].as_ref())?;
-        let g = attention_backward(
+        let g = self.fusion.attention_backward(
             &dattn,
-            &q,
-            &k,
-            &v,
-            &attn,
-            &lse,
+            (&q, &k, &v),
+            (&attn, &lse),
             &ctx.cu_seqlens,
             ctx.max_seqlen,
             &self.attention(),
         )?;
         drop((dattn, attn, lse, q, k, v));
         let (mut dq, mut dk, dv) = (g.dq, g.dk, g.dv);
-        rope_backward(&mut dq, &mut dk, &ctx.positions, &s.rope)?;
+        self.fusion
+            .rope_backward(&mut dq, &mut dk, &ctx.positions, &s.rope)?;
         if let Some(hn) = &head_norm {
             dq = self.head_norm_backward(dq, &hn.q_pre, &hn.q_rstd, 0)?;
             dk = self.head_norm_backward(dk, &hn.k_pre, &hn.k_rstd, 1)?;
         }
-        let n1 = rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
+        let n1 = self
+            .fusion
+            .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (h1, rstd1) = (n1.y, n1.rstd);
         let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
         let dh1_k = self.project_backward(Proj::K, lora, &dk, &h1, xa[1].as_ref())?;
         add_inplace(&mut dh1, &dh1_k, 1.0)?;
         let dh1_v = self.project_backward(Proj::V, lora, &dv, &h1, xa[2].as_ref())?;
         add_inplace(&mut dh1, &dh1_v, 1.0)?;
-        rms_norm_backward_inplace(&mut dh1, x, &self.w.input_layernorm, &rstd1, norm(s))?;
+        self.fusion.rms_norm_backward_inplace(
+            &mut dh1,
+            x,
+            &self.w.input_layernorm,
+            &rstd1,
+            norm(s),
+        )?;
         let mut dx = dh1;
         add_inplace(&mut dx, &dx2, 1.0)?;
         Ok(dx)

@@ -5,6 +5,7 @@
 
 pub mod decoder;
 pub mod error;
+pub mod fusion;
 pub mod layer;
 pub mod lora;
 pub mod parity;
@@ -13,5 +14,6 @@ pub mod spec;
 
 pub use decoder::{Batch, Decoder, StepLoss};
 pub use error::{EngineError, Result};
+pub use fusion::Fusion;
 pub use lora::{LayerLora, LoraState, LoraTensors};
 pub use spec::DecoderSpec;

@@ -134,12 +134,7 @@ mod tests {
     /// The forward-only loss of `tigon eval` is the same token mean as the training loss.
     #[test]
     fn eval_loss_is_the_training_loss() {
-        let dir = fixture("tiny_llama");
-        let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
-        let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
-        let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
-        let batch = read_batch(&dir.join("batch.json")).unwrap();
-        let mut decoder = Decoder::new(weights, lora).unwrap();
+        let (mut decoder, batch) = fixture_decoder(&fixture("tiny_llama"));
         let (sum, n) = decoder.eval_loss(&batch).unwrap();
         assert_eq!(n, batch.n_valid());
         let train = decoder.forward_backward(&batch, None).unwrap();
@@ -150,6 +145,26 @@ mod tests {
         );
     }
 
+    /// The fixture's model with its adapter on the CPU in f32, and its batch.
+    fn fixture_decoder(dir: &Path) -> (Decoder, Batch) {
+        let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
+        let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
+        let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
+        let batch = read_batch(&dir.join("batch.json")).unwrap();
+        (Decoder::new(weights, lora).unwrap(), batch)
+    }
+
+    /// One forward and backward: the loss, then every LoRA gradient.
+    fn loss_and_grads(decoder: &mut Decoder, batch: &Batch) -> Vec<Vec<f32>> {
+        let loss = decoder.forward_backward(batch, None).unwrap();
+        let mut out = vec![loss.loss.to_f32_vec().unwrap()];
+        for (_, _, t) in decoder.lora.iter() {
+            out.push(t.da.to_f32_vec().unwrap());
+            out.push(t.db.to_f32_vec().unwrap());
+        }
+        out
+    }
+
     /// Activation checkpointing recomputes the same ops in the same order: the loss and
     /// every LoRA gradient are bitwise those of the step that saved everything.
     #[test]
@@ -157,22 +172,9 @@ mod tests {
         for name in ["tiny_llama", "tiny_qwen2"] {
             let dir = fixture(name);
             let run = |checkpointing: bool| {
-                let weights =
-                    ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
-                let adapter =
-                    Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
-                let lora =
-                    LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
-                let mut decoder = Decoder::new(weights, lora).unwrap();
+                let (mut decoder, batch) = fixture_decoder(&dir);
                 decoder.checkpointing = checkpointing;
-                let batch = read_batch(&dir.join("batch.json")).unwrap();
-                let loss = decoder.forward_backward(&batch, None).unwrap();
-                let mut out = vec![loss.loss.to_f32_vec().unwrap()];
-                for (_, _, t) in decoder.lora.iter() {
-                    out.push(t.da.to_f32_vec().unwrap());
-                    out.push(t.db.to_f32_vec().unwrap());
-                }
-                out
+                loss_and_grads(&mut decoder, &batch)
             };
             assert_eq!(run(false), run(true), "{name}");
         }
@@ -196,6 +198,49 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("lora_dropout 0.05"), "{err}");
+    }
+
+    /// Every fusion switch off, some off, or all on: on the CPU each op has one
+    /// implementation, so the loss, the LoRA gradients, the AdamW update (with clipping) and
+    /// the evaluation loss are bitwise the same; the run goes through every dispatch point,
+    /// with and without checkpointing.
+    #[test]
+    fn fusion_switches_run_every_path() {
+        use crate::fusion::Fusion;
+        use tigon_kernels::ops::adamw::AdamW;
+        for name in ["tiny_llama", "tiny_qwen2"] {
+            let dir = fixture(name);
+            let run = |fusion: Fusion, checkpointing: bool| {
+                let (mut decoder, batch) = fixture_decoder(&dir);
+                decoder.checkpointing = checkpointing;
+                decoder.fusion = fusion;
+                let mut out = loss_and_grads(&mut decoder, &batch);
+                let norm = decoder
+                    .optimizer_step(1, &AdamW::default(), Some(1e-3))
+                    .unwrap();
+                out.push(norm.to_f32_vec().unwrap());
+                for (_, _, t) in decoder.lora.iter() {
+                    out.push(t.a.to_f32_vec().unwrap());
+                    out.push(t.b.to_f32_vec().unwrap());
+                    out.push(t.da.to_f32_vec().unwrap());
+                }
+                let (sum, n) = decoder.eval_loss(&batch).unwrap();
+                out.push(vec![sum as f32, n as f32]);
+                out
+            };
+            let reference = run(Fusion::all(), false);
+            let mixed: Fusion = "all,-attention,-rms_norm,-adamw".parse().unwrap();
+            for (fusion, ckpt) in [
+                (Fusion::none(), false),
+                (Fusion::none(), true),
+                (mixed, true),
+            ] {
+                assert!(
+                    run(fusion, ckpt) == reference,
+                    "{name}: fusion {fusion}, checkpointing {ckpt}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ __device__ __forceinline__ void st(void* p, long i, int is_bf16, float v) {
 }
 
 // op: 0 copy/cast, 1 square, 2 rsqrt(x + s), 3 silu, 4 exp, 5 x * s, 6 sigmoid, 7 log,
-//     8 gelu (tanh approximation), 9 x + s, 10 x - s... (see eager.rs UnaryOp)
+//     8 gelu (tanh approximation), 9 x + s, 10 tanh, 11 min(x, s), 12 s / x (see eager.rs UnaryOp)
 extern "C" __global__ void eager_unary(const void* x, int xb, void* y, int yb, long n, int op, float s) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float v = ld(x, i, xb), r;
@@ -26,18 +26,22 @@ extern "C" __global__ void eager_unary(const void* x, int xb, void* y, int yb, l
             case 7: r = logf(v); break;
             case 8: { float k = 0.7978845608028654f; r = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v))); } break;
             case 9: r = v + s; break;
+            case 10: r = tanhf(v); break;
+            case 11: r = fminf(v, s); break;
+            case 12: r = s / v; break;
             default: r = v; break;
         }
         st(y, i, yb, r);
     }
 }
 
-// y = a (op) b. bcast 0: same shape; 1: b is a row vector [cols]; 2: b holds one value per row.
+// y = a (op) b. bcast 0: same shape; 1: b is a row vector [cols]; 2: b holds one value per row;
+// 3: b is one value.
 // op: 0 add, 1 sub, 2 mul, 3 div.
 extern "C" __global__ void eager_binary(const void* a, int ab, const void* b, int bb, void* y, int yb,
                                         long n, long cols, int bcast, int op) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        long j = bcast == 0 ? i : (bcast == 1 ? i % cols : i / cols);
+        long j = bcast == 0 ? i : (bcast == 1 ? i % cols : (bcast == 2 ? i / cols : 0));
         float u = ld(a, i, ab), v = ld(b, j, bb), r;
         switch (op) {
             case 0: r = u + v; break;
@@ -184,8 +188,10 @@ extern "C" __global__ void eager_group_sum(const void* x, int xb, void* y, int y
 }
 
 // Causal softmax over rows of square [n, n] matrices stacked along the rows: row r masks the
-// columns past r % n. f32 arithmetic; one block per row.
-extern "C" __global__ void eager_causal_softmax(const void* s, int sb, void* p, int pb, long rows, long n) {
+// columns past r % n. f32 arithmetic; one block per row. When lse is not null, the row's
+// log-sum-exp goes to lse[(r / n) * lse_ld + r % n] (one matrix per head: [heads, tokens]).
+extern "C" __global__ void eager_causal_softmax(const void* s, int sb, void* p, int pb, long rows, long n,
+                                                float* lse, long lse_ld) {
     __shared__ float scratch[32];
     for (long row = blockIdx.x; row < rows; row += gridDim.x) {
         const long off = row * n, last = row % n;
@@ -197,6 +203,7 @@ extern "C" __global__ void eager_causal_softmax(const void* s, int sb, void* p, 
         sum = block_sum(sum, scratch);
         for (long c = threadIdx.x; c < n; c += blockDim.x)
             st(p, off + c, pb, c <= last ? expf(ld(s, off + c, sb) - mx) / sum : 0.0f);
+        if (lse != nullptr && threadIdx.x == 0) lse[(row / n) * lse_ld + last] = mx + logf(sum);
     }
 }
 

@@ -16,7 +16,7 @@ use crate::cuda::{Gpu, KernelSource};
 use crate::error::{KernelError, Result};
 use crate::ops::eager::{self, BinaryOp, Broadcast, UnaryOp};
 use crate::rng::Rng;
-use crate::{launch, DType, Tensor};
+use crate::{launch, DType, Device, Tensor};
 
 use super::{common_gpu, expect_dtype, expect_shape};
 
@@ -113,14 +113,35 @@ fn kernel(
     (name, grid, threads as u32)
 }
 
-/// `y = act(gate) * up`, same shape and dtype as `gate`.
-pub fn gated_act_forward(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
+/// The forward's inputs checked; the GPU they are on (None: the CPU).
+fn check_forward(act: GatedAct, gate: &Tensor, up: &Tensor) -> Result<Option<Arc<Gpu>>> {
     let op = act.op_name();
     check_dtype(op, "gate", gate)?;
     expect_dtype(op, "up", up, &[gate.dtype()])?;
     expect_shape(op, "up", up, gate.shape())?;
+    common_gpu(op, &[("gate", gate), ("up", up)])
+}
+
+/// The backward's inputs checked; the GPU they are on (None: the CPU).
+fn check_backward(
+    act: GatedAct,
+    dy: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Option<Arc<Gpu>>> {
+    let op = act.op_name();
+    check_dtype(op, "gate", gate)?;
+    expect_dtype(op, "up", up, &[gate.dtype()])?;
+    expect_dtype(op, "dy", dy, &[gate.dtype()])?;
+    expect_shape(op, "up", up, gate.shape())?;
+    expect_shape(op, "dy", dy, gate.shape())?;
+    common_gpu(op, &[("dy", dy), ("gate", gate), ("up", up)])
+}
+
+/// `y = act(gate) * up`, same shape and dtype as `gate`.
+pub fn gated_act_forward(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
     let n = gate.elem_count();
-    match common_gpu(op, &[("gate", gate), ("up", up)])? {
+    match check_forward(act, gate, up)? {
         None => {
             let (rows, cols) = gate.rows_cols();
             let (g, u) = (gate.cpu_f32(), up.cpu_f32());
@@ -149,14 +170,8 @@ pub fn gated_act_backward(
     up: &mut Tensor,
     act: GatedAct,
 ) -> Result<()> {
-    let op = act.op_name();
-    check_dtype(op, "gate", gate)?;
-    expect_dtype(op, "up", up, &[gate.dtype()])?;
-    expect_dtype(op, "dy", dy, &[gate.dtype()])?;
-    expect_shape(op, "up", up, gate.shape())?;
-    expect_shape(op, "dy", dy, gate.shape())?;
     let n = gate.elem_count();
-    match common_gpu(op, &[("dy", dy), ("gate", gate), ("up", up)])? {
+    match check_backward(act, dy, gate, up)? {
         None => {
             let (rows, cols) = gate.rows_cols();
             let (dg, du) = {
@@ -178,6 +193,49 @@ pub fn gated_act_backward(
             Ok(())
         }
     }
+}
+
+/// The activation's one-op kernel and its derivative's, as torch has them.
+fn eager_act(act: GatedAct) -> (UnaryOp, eager::ActGrad) {
+    match act {
+        GatedAct::Silu => (UnaryOp::Silu, eager::ActGrad::Silu),
+        GatedAct::GeluTanh => (UnaryOp::GeluTanh, eager::ActGrad::GeluTanh),
+    }
+}
+
+/// [`gated_act_forward`] as HF's MLP runs it eagerly: `a = act(gate)` stored in the
+/// activation dtype, then `a * up`. Same output. On the CPU this runs the reference.
+pub fn gated_act_forward_unfused(gate: &Tensor, up: &Tensor, act: GatedAct) -> Result<Tensor> {
+    if check_forward(act, gate, up)?.is_none() {
+        return gated_act_forward(gate, up, act);
+    }
+    let dt = gate.dtype();
+    let a = eager::unary(gate, eager_act(act).0, 0.0, dt)?;
+    eager::binary(&a, up, Broadcast::None, BinaryOp::Mul, dt)
+}
+
+/// [`gated_act_backward`] as autograd runs it through the eager forward (the activation
+/// recomputed, since only gate and up are kept): `du = dy * act(gate)`,
+/// `dgate = act'(gate) * (dy * up)`, one kernel each. `gate` and `up` are replaced by
+/// `dgate` and `dup`, the fused op's in-place contract. On the CPU this runs the reference.
+pub fn gated_act_backward_unfused(
+    dy: &Tensor,
+    gate: &mut Tensor,
+    up: &mut Tensor,
+    act: GatedAct,
+) -> Result<()> {
+    if check_backward(act, dy, gate, up)?.is_none() {
+        return gated_act_backward(dy, gate, up, act);
+    }
+    let dt = gate.dtype();
+    let (unary, grad) = eager_act(act);
+    let a = eager::unary(gate, unary, 0.0, dt)?;
+    let du = eager::binary(dy, &a, Broadcast::None, BinaryOp::Mul, dt)?;
+    drop(a);
+    let da = eager::binary(dy, up, Broadcast::None, BinaryOp::Mul, dt)?;
+    *up = du;
+    *gate = eager::act_backward(&da, gate, grad, dt)?;
+    Ok(())
 }
 
 /// `(rows, I)` of a fused `[..., 2I]` gate|up tensor.
@@ -419,10 +477,17 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             let y = gated_act_forward(&g, &u, act)?;
             let gy = gated_act_forward(&gg, &gu, act)?;
             lines.push(compare(op, &case, "y", &gy, &y)?);
+            let dev = Device::Cuda(gpu.clone());
+            let (mut ug, mut uu) = (gg.to_device(&dev)?, gu.to_device(&dev)?);
+            let uy = gated_act_forward_unfused(&ug, &uu, act)?;
+            lines.push(compare(op, &case, "y(unfused)", &uy, &y)?);
             gated_act_backward(&dy, &mut g, &mut u, act)?;
             gated_act_backward(&gdy, &mut gg, &mut gu, act)?;
             lines.push(compare(op, &case, "dg", &gg, &g)?);
             lines.push(compare(op, &case, "du", &gu, &u)?);
+            gated_act_backward_unfused(&gdy, &mut ug, &mut uu, act)?;
+            lines.push(compare(op, &case, "dg(unfused)", &ug, &g)?);
+            lines.push(compare(op, &case, "du(unfused)", &uu, &u)?);
         }
     }
     Ok(lines)
@@ -484,12 +549,9 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             0.0,
             || gated_act_forward(&g, &u, act).map(|_| ()),
         )?);
-        // Eager, as HF's MLP runs under autograd: the activation is a saved bf16 tensor,
-        // the product's backward makes du and da, the activation's backward makes dg.
-        let (unary, grad) = match act {
-            GatedAct::Silu => (UnaryOp::Silu, eager::ActGrad::Silu),
-            GatedAct::GeluTanh => (UnaryOp::GeluTanh, eager::ActGrad::GeluTanh),
-        };
+        // Eager, as HF's MLP runs under autograd: the activation is a bf16 tensor (recomputed
+        // in the backward, as the engine keeps only gate and up), the product's backward
+        // makes du and da, the activation's backward makes dg.
         rows_out.push(measure(
             gpu,
             cfg,
@@ -499,12 +561,8 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             floor,
             0.0,
             || {
-                let a = eager::unary(&g, unary, 0.0, DType::BF16)?;
-                let _y = eager::binary(&a, &u, Broadcast::None, BinaryOp::Mul, DType::BF16)?;
-                let _du = eager::binary(&dy, &a, Broadcast::None, BinaryOp::Mul, DType::BF16)?;
-                let da = eager::binary(&dy, &u, Broadcast::None, BinaryOp::Mul, DType::BF16)?;
-                let _dg = eager::act_backward(&da, &g, grad, DType::BF16)?;
-                Ok(())
+                let _y = gated_act_forward_unfused(&g, &u, act)?;
+                gated_act_backward_unfused(&dy, &mut g, &mut u, act)
             },
         )?);
     }

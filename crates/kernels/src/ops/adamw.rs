@@ -25,7 +25,7 @@ use crate::check::{compare, compare_scalar, CheckLine, GpuCheck};
 use crate::cpu::{par_map, threads};
 use crate::cuda::{DeviceBuffer, Gpu, KernelSource};
 use crate::error::{KernelError, Result};
-use crate::ops::eager::{self, BinaryOp, Broadcast, UnaryOp};
+use crate::ops::eager::{self, BinaryOp, Broadcast, Reduce, UnaryOp};
 use crate::rng::Rng;
 use crate::tensor::{CpuData, Storage};
 use crate::{launch, DType, Device, Tensor};
@@ -240,6 +240,131 @@ pub fn adamw_step(
     zero_grads: bool,
 ) -> Result<()> {
     let s = scalars(p, step)?;
+    let gpu = check_step(tensors, max_grad_norm)?;
+    let Some(gpu) = gpu else {
+        let clip = match max_grad_norm {
+            Some((max_norm, norm)) => clip_coef(max_norm, norm.cpu_f32()[0]),
+            None => 1.0,
+        };
+        for t in tensors.iter_mut() {
+            cpu_update(t, &s, clip, zero_grads);
+        }
+        return Ok(());
+    };
+    let mut table = Vec::new();
+    for t in tensors.iter() {
+        let ptrs = [t.param.dptr(), t.grad.dptr(), t.m.dptr(), t.v.dptr()];
+        push_chunks(&mut table, ptrs, t.param.elem_count());
+    }
+    let chunks = chunk_count(OP, &table)?;
+    if chunks == 0 {
+        return Ok(());
+    }
+    let blocks = (chunks as usize).min(gpu.sm_count() * 8) as u32;
+    let (norm_ptr, max_norm) = max_grad_norm.map_or((0u64, 0.0f32), |(m, n)| (n.dptr(), m));
+    let f = gpu.function(&SOURCE, "adamw_step_multi")?;
+    with_table(&gpu, &table, |t| {
+        launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
+            t, chunks, s.decay, s.beta1, s.beta2, s.step_size, s.bc2_sqrt, s.eps,
+            norm_ptr, max_norm, zero_grads as i32)
+    })
+}
+
+/// [`adamw_step`] as the plain composition torch's non-fused AdamW runs: per tensor, one
+/// kernel per elementwise op with a temporary in between (decay, the two moment updates,
+/// sqrt, bias correction, eps, divide, step), and for clipping `clip_grad_norm_`'s device
+/// coefficient `min(1, max / (norm + 1e-6))` (three scalar ops) multiplied into a copy of
+/// each gradient (the gradients stay unscaled, as the fused op leaves them). `param`, `m`,
+/// `v` (and `grad`, zeroed, with `zero_grads`) are replaced by the new tensors. Same
+/// results to f32 rounding; on the CPU this runs the reference.
+pub fn adamw_step_unfused(
+    tensors: &mut [AdamWTensors],
+    step: u64,
+    p: &AdamW,
+    max_grad_norm: Option<(f32, &Tensor)>,
+    zero_grads: bool,
+) -> Result<()> {
+    let s = scalars(p, step)?;
+    let Some(gpu) = check_step(tensors, max_grad_norm)? else {
+        return adamw_step(tensors, step, p, max_grad_norm, zero_grads);
+    };
+    let f = DType::F32;
+    let coef = match max_grad_norm {
+        Some((max_norm, norm)) => {
+            let n1 = eager::unary(norm, UnaryOp::AddScalar, 1e-6, f)?;
+            let c = eager::unary(&n1, UnaryOp::ScalarDiv, max_norm, f)?;
+            Some(eager::unary(&c, UnaryOp::MinScalar, 1.0, f)?)
+        }
+        None => None,
+    };
+    let dev = Device::Cuda(gpu);
+    for t in tensors.iter_mut() {
+        let clipped = match &coef {
+            Some(c) => Some(eager::binary(
+                t.grad,
+                c,
+                Broadcast::Scalar,
+                BinaryOp::Mul,
+                f,
+            )?),
+            None => None,
+        };
+        let g = clipped.as_ref().unwrap_or(t.grad);
+        let p1 = eager::unary(t.param, UnaryOp::Scale, s.decay, f)?;
+        let m1 = eager::unary(t.m, UnaryOp::Scale, s.beta1, f)?;
+        let g1 = eager::unary(g, UnaryOp::Scale, 1.0 - s.beta1, f)?;
+        let m2 = eager::binary(&m1, &g1, Broadcast::None, BinaryOp::Add, f)?;
+        drop((m1, g1));
+        let v1 = eager::unary(t.v, UnaryOp::Scale, s.beta2, f)?;
+        let g2 = eager::unary(g, UnaryOp::Square, 0.0, f)?;
+        let g3 = eager::unary(&g2, UnaryOp::Scale, 1.0 - s.beta2, f)?;
+        let v2 = eager::binary(&v1, &g3, Broadcast::None, BinaryOp::Add, f)?;
+        drop((v1, g2, g3, clipped));
+        let sq = eager::sqrt(&v2, f)?;
+        let d1 = eager::unary(&sq, UnaryOp::Scale, 1.0 / s.bc2_sqrt, f)?;
+        let d2 = eager::unary(&d1, UnaryOp::AddScalar, s.eps, f)?;
+        let u = eager::binary(&m2, &d2, Broadcast::None, BinaryOp::Div, f)?;
+        let u1 = eager::unary(&u, UnaryOp::Scale, s.step_size, f)?;
+        *t.param = eager::binary(&p1, &u1, Broadcast::None, BinaryOp::Sub, f)?;
+        *t.m = m2;
+        *t.v = v2;
+        if zero_grads {
+            *t.grad = Tensor::zeros(t.grad.shape(), f, &dev)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`grad_norm`] as the plain composition: per gradient a square and two sum reductions
+/// (rows, then the row sums), the sums added one tensor at a time, then a sqrt, each a
+/// kernel (torch's per-tensor norms combined, here without the intermediate roots). An f32
+/// `[1]` tensor on the gradients' device; on the CPU this runs the reference.
+pub fn grad_norm_unfused(grads: &[&Tensor]) -> Result<Tensor> {
+    for g in grads {
+        expect_dtype(NORM_OP, "grad", g, &[DType::F32])?;
+    }
+    let named: Vec<(&'static str, &Tensor)> = grads.iter().map(|g| ("grad", *g)).collect();
+    let Some(gpu) = common_gpu(NORM_OP, &named)? else {
+        return grad_norm(grads);
+    };
+    let f = DType::F32;
+    let mut total = Tensor::zeros(&[1], f, &Device::Cuda(gpu))?;
+    for g in grads.iter().filter(|g| g.elem_count() > 0) {
+        let sq = eager::unary(g, UnaryOp::Square, 0.0, f)?;
+        let rows = eager::row_reduce(&sq, Reduce::Sum)?;
+        drop(sq);
+        let sum = eager::row_reduce(&rows, Reduce::Sum)?;
+        total = eager::binary(&total, &sum, Broadcast::None, BinaryOp::Add, f)?;
+    }
+    eager::sqrt(&total, f)
+}
+
+/// The step's tensors checked (f32, one shape per group; the norm one f32 value); the GPU
+/// they are on (None: the CPU).
+fn check_step(
+    tensors: &[AdamWTensors],
+    max_grad_norm: Option<(f32, &Tensor)>,
+) -> Result<Option<Arc<Gpu>>> {
     for (i, t) in tensors.iter().enumerate() {
         for (name, x) in [
             ("param", &*t.param),
@@ -288,33 +413,7 @@ pub fn adamw_step(
         named.extend(max_grad_norm.map(|(_, n)| ("norm", n)));
         common_gpu(OP, &named)?
     };
-    let Some(gpu) = gpu else {
-        let clip = match max_grad_norm {
-            Some((max_norm, norm)) => clip_coef(max_norm, norm.cpu_f32()[0]),
-            None => 1.0,
-        };
-        for t in tensors.iter_mut() {
-            cpu_update(t, &s, clip, zero_grads);
-        }
-        return Ok(());
-    };
-    let mut table = Vec::new();
-    for t in tensors.iter() {
-        let ptrs = [t.param.dptr(), t.grad.dptr(), t.m.dptr(), t.v.dptr()];
-        push_chunks(&mut table, ptrs, t.param.elem_count());
-    }
-    let chunks = chunk_count(OP, &table)?;
-    if chunks == 0 {
-        return Ok(());
-    }
-    let blocks = (chunks as usize).min(gpu.sm_count() * 8) as u32;
-    let (norm_ptr, max_norm) = max_grad_norm.map_or((0u64, 0.0f32), |(m, n)| (n.dptr(), m));
-    let f = gpu.function(&SOURCE, "adamw_step_multi")?;
-    with_table(&gpu, &table, |t| {
-        launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
-            t, chunks, s.decay, s.beta1, s.beta2, s.step_size, s.bc2_sqrt, s.eps,
-            norm_ptr, max_norm, zero_grads as i32)
-    })
+    Ok(gpu)
 }
 
 /// torch's `clip_grad_norm_` coefficient, clamped to 1.
@@ -372,10 +471,29 @@ pub const CHECK: GpuCheck = GpuCheck {
     run: gpu_check,
 };
 
-/// p, g, m, v of one tensor, on the CPU and on the GPU.
+/// p, g, m, v of one tensor: on the CPU, on the GPU, and on the GPU for the unfused step.
 struct State {
     cpu: [Tensor; 4],
     gpu: [Tensor; 4],
+    unfused: [Tensor; 4],
+}
+
+/// Which copy of the states a view or a gather takes.
+#[derive(Clone, Copy)]
+enum Side {
+    Cpu,
+    Gpu,
+    Unfused,
+}
+
+impl State {
+    fn side(&mut self, side: Side) -> &mut [Tensor; 4] {
+        match side {
+            Side::Cpu => &mut self.cpu,
+            Side::Gpu => &mut self.gpu,
+            Side::Unfused => &mut self.unfused,
+        }
+    }
 }
 
 fn random_state(gpu: &Arc<Gpu>, rng: &mut Rng, shape: &[usize], fresh: bool) -> Result<State> {
@@ -395,20 +513,27 @@ fn random_state(gpu: &Arc<Gpu>, rng: &mut Rng, shape: &[usize], fresh: bool) -> 
         rng.uniform_vec(n, 0.0, 0.01)
     };
     let cpu = [p, g, m, v].map(|d| Tensor::from_f32(shape, d).expect("sized above"));
-    let gpu_t = [
-        cpu[0].to_device(&dev)?,
-        cpu[1].to_device(&dev)?,
-        cpu[2].to_device(&dev)?,
-        cpu[3].to_device(&dev)?,
-    ];
-    Ok(State { cpu, gpu: gpu_t })
+    let up = |cpu: &[Tensor; 4]| -> Result<[Tensor; 4]> {
+        Ok([
+            cpu[0].to_device(&dev)?,
+            cpu[1].to_device(&dev)?,
+            cpu[2].to_device(&dev)?,
+            cpu[3].to_device(&dev)?,
+        ])
+    };
+    let (gpu_t, unfused) = (up(&cpu)?, up(&cpu)?);
+    Ok(State {
+        cpu,
+        gpu: gpu_t,
+        unfused,
+    })
 }
 
-fn views(states: &mut [State], on_gpu: bool) -> Vec<AdamWTensors<'_>> {
+fn views(states: &mut [State], side: Side) -> Vec<AdamWTensors<'_>> {
     states
         .iter_mut()
         .map(|s| {
-            let [p, g, m, v] = if on_gpu { &mut s.gpu } else { &mut s.cpu };
+            let [p, g, m, v] = s.side(side);
             AdamWTensors {
                 param: p,
                 grad: g,
@@ -420,11 +545,10 @@ fn views(states: &mut [State], on_gpu: bool) -> Vec<AdamWTensors<'_>> {
 }
 
 /// All values of field `k` (0 p, 1 g, 2 m, 3 v) of every tensor, concatenated.
-fn gather(states: &[State], k: usize, on_gpu: bool) -> Result<Tensor> {
+fn gather(states: &mut [State], k: usize, side: Side) -> Result<Tensor> {
     let mut all = Vec::new();
     for s in states {
-        let t = if on_gpu { &s.gpu[k] } else { &s.cpu[k] };
-        all.extend(t.to_f32_vec()?);
+        all.extend(s.side(side)[k].to_f32_vec()?);
     }
     let n = all.len();
     Tensor::from_f32(&[n], all)
@@ -505,13 +629,22 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
                     let n = s.cpu[1].elem_count();
                     s.cpu[1] = Tensor::from_f32(&shape, rng.normal_vec(n, 1.0))?;
                     s.gpu[1] = s.cpu[1].to_device(&Device::Cuda(gpu.clone()))?;
+                    s.unfused[1] = s.cpu[1].to_device(&Device::Cuda(gpu.clone()))?;
                 }
             }
-            let (norm_cpu, norm_gpu) = {
+            let (norm_cpu, norm_gpu, norm_unfused) = {
                 let gc: Vec<&Tensor> = states.iter().map(|s| &s.cpu[1]).collect();
                 let gg: Vec<&Tensor> = states.iter().map(|s| &s.gpu[1]).collect();
-                (grad_norm(&gc)?, grad_norm(&gg)?)
+                let gu: Vec<&Tensor> = states.iter().map(|s| &s.unfused[1]).collect();
+                (grad_norm(&gc)?, grad_norm(&gg)?, grad_norm_unfused(&gu)?)
             };
+            lines.push(compare_scalar(
+                NORM_OP,
+                &format!("{case}, step {step}"),
+                "norm(unfused)",
+                norm_unfused.to_f32_vec()?[0],
+                norm_cpu.to_f32_vec()?[0],
+            ));
             lines.push(compare_scalar(
                 NORM_OP,
                 &format!("{case}, step {step}"),
@@ -521,19 +654,25 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             ));
             let clip_cpu = clip.map(|m| (m, &norm_cpu));
             let clip_gpu = clip.map(|m| (m, &norm_gpu));
-            adamw_step(&mut views(&mut states, false), step, &p, clip_cpu, zero)?;
-            adamw_step(&mut views(&mut states, true), step, &p, clip_gpu, zero)?;
+            let clip_unfused = clip.map(|m| (m, &norm_unfused));
+            adamw_step(&mut views(&mut states, Side::Cpu), step, &p, clip_cpu, zero)?;
+            adamw_step(&mut views(&mut states, Side::Gpu), step, &p, clip_gpu, zero)?;
+            let mut unfused_views = views(&mut states, Side::Unfused);
+            adamw_step_unfused(&mut unfused_views, step, &p, clip_unfused, zero)?;
         }
         for (k, name) in ["param", "grad", "m", "v"].iter().enumerate() {
-            let (g, c) = (gather(&states, k, true)?, gather(&states, k, false)?);
-            let mut line = compare(OP, &case, name, &g, &c)?;
-            if k == 1 && zero {
-                // Zeroed gradients: the reference is all zeros, so demand exact zeros.
-                let all_zero = g.to_f32_vec()?.iter().all(|&x| x == 0.0);
-                line.rel_err = if all_zero { 0.0 } else { f64::INFINITY };
-                line.pass = all_zero;
+            let c = gather(&mut states, k, Side::Cpu)?;
+            for (side, tag) in [(Side::Gpu, ""), (Side::Unfused, "(unfused)")] {
+                let g = gather(&mut states, k, side)?;
+                let mut line = compare(OP, &case, &format!("{name}{tag}"), &g, &c)?;
+                if k == 1 && zero {
+                    // Zeroed gradients: the reference is all zeros, so demand exact zeros.
+                    let all_zero = g.to_f32_vec()?.iter().all(|&x| x == 0.0);
+                    line.rel_err = if all_zero { 0.0 } else { f64::INFINITY };
+                    line.pass = all_zero;
+                }
+                lines.push(line);
             }
-            lines.push(line);
         }
     }
     Ok(lines)
@@ -621,25 +760,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         0.0,
         || {
             step += 1;
-            let s = scalars(&p, step)?;
-            let f = DType::F32;
-            for [pt, g, m, v] in groups.iter() {
-                let p1 = eager::unary(pt, UnaryOp::Scale, s.decay, f)?;
-                let m1 = eager::unary(m, UnaryOp::Scale, s.beta1, f)?;
-                let g1 = eager::unary(g, UnaryOp::Scale, 1.0 - s.beta1, f)?;
-                let m2 = eager::binary(&m1, &g1, Broadcast::None, BinaryOp::Add, f)?;
-                let v1 = eager::unary(v, UnaryOp::Scale, s.beta2, f)?;
-                let g2 = eager::unary(g, UnaryOp::Square, 0.0, f)?;
-                let g3 = eager::unary(&g2, UnaryOp::Scale, 1.0 - s.beta2, f)?;
-                let v2 = eager::binary(&v1, &g3, Broadcast::None, BinaryOp::Add, f)?;
-                let sq = eager::sqrt(&v2, f)?;
-                let d1 = eager::unary(&sq, UnaryOp::Scale, 1.0 / s.bc2_sqrt, f)?;
-                let d2 = eager::unary(&d1, UnaryOp::AddScalar, s.eps, f)?;
-                let u = eager::binary(&m2, &d2, Broadcast::None, BinaryOp::Div, f)?;
-                let u1 = eager::unary(&u, UnaryOp::Scale, s.step_size, f)?;
-                let _p2 = eager::binary(&p1, &u1, Broadcast::None, BinaryOp::Sub, f)?;
-            }
-            Ok(())
+            adamw_step_unfused(&mut group_views(&mut groups), step, &p, None, false)
         },
     )?);
     Ok(rows)

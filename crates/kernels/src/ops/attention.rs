@@ -339,6 +339,41 @@ fn warp_grid(rows: usize) -> u32 {
     rows.div_ceil(8).max(1) as u32
 }
 
+/// The backward's inputs checked: sizes, the GPU (None: the CPU) and the document bounds.
+#[allow(clippy::too_many_arguments)]
+fn check_backward(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    cu_seqlens: &Tensor,
+    max_seqlen: usize,
+    p: &Attention,
+) -> Result<(Dims, Option<Arc<Gpu>>, Vec<i32>)> {
+    let dims = check_qkv(q, k, v, p)?;
+    for (name, t) in [("dout", dout), ("o", o)] {
+        expect_dtype(OP, name, t, &[q.dtype()])?;
+        expect_shape(OP, name, t, q.shape())?;
+    }
+    expect_dtype(OP, "lse", lse, &[DType::F32])?;
+    expect_shape(OP, "lse", lse, &[dims.hq, dims.tokens])?;
+    let gpu = gpu_of(
+        &[
+            ("dout", dout),
+            ("q", q),
+            ("k", k),
+            ("v", v),
+            ("o", o),
+            ("lse", lse),
+        ],
+        cu_seqlens,
+    )?;
+    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
+    Ok((dims, gpu, bounds))
+}
+
 /// dq, dk, dv from `dout`, the forward's inputs, its output `o` and its `lse`. dk and dv sum
 /// the contributions of every query head of their kv group.
 #[allow(clippy::too_many_arguments)]
@@ -381,25 +416,7 @@ pub fn attention_backward_with(
     p: &Attention,
     kernel: AttentionKernel,
 ) -> Result<AttentionBackward> {
-    let dims = check_qkv(q, k, v, p)?;
-    for (name, t) in [("dout", dout), ("o", o)] {
-        expect_dtype(OP, name, t, &[q.dtype()])?;
-        expect_shape(OP, name, t, q.shape())?;
-    }
-    expect_dtype(OP, "lse", lse, &[DType::F32])?;
-    expect_shape(OP, "lse", lse, &[dims.hq, dims.tokens])?;
-    let gpu = gpu_of(
-        &[
-            ("dout", dout),
-            ("q", q),
-            ("k", k),
-            ("v", v),
-            ("o", o),
-            ("lse", lse),
-        ],
-        cu_seqlens,
-    )?;
-    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
+    let (dims, gpu, bounds) = check_backward(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)?;
     let Some(gpu) = gpu else {
         return cpu_backward(dout, q, k, v, o, lse, &bounds, dims, p.softmax_scale);
     };
@@ -452,6 +469,216 @@ pub fn attention_backward_with(
     launch!(gpu, f, (warp_grid(dims.tokens * dims.hkv), 1, 1), (256, 1, 1), 0;
         dout.dptr(), q.dptr(), k.dptr(), v.dptr(), lse.dptr(), delta.dptr(), cu.dptr(),
         dk.dptr(), dv.dptr(), t, hq, hkv, d, docs as i32, p.softmax_scale)?;
+    Ok(AttentionBackward { dq, dk, dv })
+}
+
+/// The non-empty documents of `bounds` as (first token, length).
+fn documents(bounds: &[i32]) -> Vec<(usize, usize)> {
+    bounds
+        .windows(2)
+        .filter(|w| w[1] > w[0])
+        .map(|w| (w[0] as usize, (w[1] - w[0]) as usize))
+        .collect()
+}
+
+/// One operand of a GEMM batched over heads in the unfused attention.
+#[derive(Clone, Copy)]
+enum Heads<'a> {
+    /// A `[heads, n, n]` stack of score-like matrices (one per head).
+    Square(&'a Tensor, usize),
+    /// Tokens `start..` of a `[tokens, heads, d]` activation: one head per batch entry.
+    Tokens(&'a Tensor, usize, usize, usize),
+}
+
+impl Heads<'_> {
+    fn operand(self, trans: bool) -> Operand {
+        match self {
+            Heads::Square(t, n) => Operand {
+                ptr: t.dptr(),
+                dtype: t.dtype(),
+                ld: n,
+                trans,
+                batch_stride: n * n,
+            },
+            Heads::Tokens(t, start, heads, d) => Operand {
+                ptr: t.dptr() + (start * heads * d * t.dtype().size_in_bytes()) as u64,
+                dtype: t.dtype(),
+                ld: heads * d,
+                trans,
+                batch_stride: d,
+            },
+        }
+    }
+}
+
+/// `C = alpha op(A) op(B)` per head, one strided-batched GEMM over `heads`.
+#[allow(clippy::too_many_arguments)]
+fn heads_gemm(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    (a, trans_a): (Heads, bool),
+    (b, trans_b): (Heads, bool),
+    c: Heads,
+    alpha: f32,
+    heads: usize,
+) -> Result<()> {
+    gpu.gemm(&GemmSpec {
+        m,
+        n,
+        k,
+        a: a.operand(trans_a),
+        b: b.operand(trans_b),
+        c: c.operand(false),
+        alpha,
+        beta: 0.0,
+        batch: heads,
+    })
+}
+
+/// One document's scores `scale q k^T` (`[heads, n, n]` in q's dtype, one batched GEMM over
+/// the query heads of `kx`, the kv heads already repeated) and their causal softmax (with
+/// the log-sum-exp written into `lse` when given); returns both.
+fn doc_probs(
+    gpu: &Arc<Gpu>,
+    (q, kx): (&Tensor, &Tensor),
+    (start, n): (usize, usize),
+    p: &Attention,
+    lse: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (hq, d, dt) = (p.q_heads, p.head_dim, q.dtype());
+    let s = Tensor::uninit_cuda(gpu, &[hq, n, n], dt)?;
+    heads_gemm(
+        gpu,
+        (n, n, d),
+        (Heads::Tokens(q, start, hq, d), false),
+        (Heads::Tokens(kx, start, hq, d), true),
+        Heads::Square(&s, n),
+        p.softmax_scale,
+        hq,
+    )?;
+    let pr = eager::causal_softmax(&s, n, dt, lse.map(|l| (l, start)))?;
+    Ok((s, pr))
+}
+
+/// [`attention_forward`] as HF's "eager" attention runs it: `repeat_kv` for the kv heads,
+/// then per document (the per-document mask of `cu_seqlens`: no score across documents is
+/// ever formed) the materialized `[heads, n, n]` scores `scale q k^T` (one batched GEMM,
+/// stored in q's dtype), a causal softmax in f32 whose probabilities are stored in q's
+/// dtype, and `P v` (a GEMM). The row log-sum-exp is written by the softmax kernel in the
+/// fused op's layout. Same outputs; on the CPU this runs the reference.
+pub fn attention_forward_unfused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &Tensor,
+    max_seqlen: usize,
+    p: &Attention,
+) -> Result<AttentionForward> {
+    let dims = check_qkv(q, k, v, p)?;
+    let gpu = gpu_of(&[("q", q), ("k", k), ("v", v)], cu_seqlens)?;
+    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
+    let Some(gpu) = gpu else {
+        return cpu_forward(q, k, v, &bounds, dims, p.softmax_scale);
+    };
+    let Dims { tokens, hq, hkv, d } = dims;
+    let dt = q.dtype();
+    let kx = eager::repeat_kv(k, tokens, hkv, dims.group(), d)?;
+    let vx = eager::repeat_kv(v, tokens, hkv, dims.group(), d)?;
+    let o = Tensor::uninit_cuda(&gpu, q.shape(), dt)?;
+    let lse = Tensor::uninit_cuda(&gpu, &[hq, tokens], DType::F32)?;
+    let at = |t, start| Heads::Tokens(t, start, hq, d);
+    for (start, n) in documents(&bounds) {
+        let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, Some(&lse))?;
+        drop(s);
+        heads_gemm(
+            &gpu,
+            (n, d, n),
+            (Heads::Square(&pr, n), false),
+            (at(&vx, start), false),
+            at(&o, start),
+            1.0,
+            hq,
+        )?;
+    }
+    Ok(AttentionForward { o, lse })
+}
+
+/// [`attention_backward`] as autograd runs it through the eager forward, per document: the
+/// scores and probabilities recomputed (scores GEMM, causal softmax; the engine keeps only
+/// `o` and `lse`, so `o` and `lse` are not read here), `dP = dout v^T`, the softmax
+/// backward `dS = P (dP - rowsum(P dP))`, then `dq = scale dS k`, `dk = scale dS^T q`,
+/// `dv = P^T dout` for every query head, and the group sums that are `repeat_kv`'s
+/// backward. Same outputs; on the CPU this runs the reference.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_unfused(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    cu_seqlens: &Tensor,
+    max_seqlen: usize,
+    p: &Attention,
+) -> Result<AttentionBackward> {
+    let (dims, gpu, bounds) = check_backward(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)?;
+    let Some(gpu) = gpu else {
+        return cpu_backward(dout, q, k, v, o, lse, &bounds, dims, p.softmax_scale);
+    };
+    let Dims { tokens, hq, hkv, d } = dims;
+    let (dt, group, scale) = (q.dtype(), dims.group(), p.softmax_scale);
+    let kx = eager::repeat_kv(k, tokens, hkv, group, d)?;
+    let vx = eager::repeat_kv(v, tokens, hkv, group, d)?;
+    let dq = Tensor::uninit_cuda(&gpu, q.shape(), dt)?;
+    let dkx = Tensor::uninit_cuda(&gpu, &[tokens, hq, d], dt)?;
+    let dvx = Tensor::uninit_cuda(&gpu, &[tokens, hq, d], dt)?;
+    let at = |t, start| Heads::Tokens(t, start, hq, d);
+    for (start, n) in documents(&bounds) {
+        let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, None)?;
+        // The scores' buffer takes dP.
+        heads_gemm(
+            &gpu,
+            (n, n, d),
+            (at(dout, start), false),
+            (at(&vx, start), true),
+            Heads::Square(&s, n),
+            1.0,
+            hq,
+        )?;
+        let ds = eager::softmax_backward(&pr, &s, n, dt)?;
+        drop(s);
+        let (sq_ds, sq_p) = (Heads::Square(&ds, n), Heads::Square(&pr, n));
+        heads_gemm(
+            &gpu,
+            (n, d, n),
+            (sq_ds, false),
+            (at(&kx, start), false),
+            at(&dq, start),
+            scale,
+            hq,
+        )?;
+        heads_gemm(
+            &gpu,
+            (n, d, n),
+            (sq_ds, true),
+            (at(q, start), false),
+            at(&dkx, start),
+            scale,
+            hq,
+        )?;
+        heads_gemm(
+            &gpu,
+            (n, d, n),
+            (sq_p, true),
+            (at(dout, start), false),
+            at(&dvx, start),
+            1.0,
+            hq,
+        )?;
+    }
+    drop((kx, vx));
+    let dk = eager::group_sum(&dkx, tokens, hkv, group, d)?.reshape(k.shape())?;
+    let dv = eager::group_sum(&dvx, tokens, hkv, group, d)?.reshape(v.shape())?;
     Ok(AttentionBackward { dq, dk, dv })
 }
 
@@ -708,6 +935,15 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             lines.push(compare(OP, &case, &tag("dk"), &gb.dk, &b.dk)?);
             lines.push(compare(OP, &case, &tag("dv"), &gb.dv, &b.dv)?);
         }
+        // The unfused composition (materialized scores per document), from the same inputs.
+        let uf = attention_forward_unfused(&gq, &gk, &gv, &cu_dev, max_seqlen, &p)?;
+        lines.push(compare(OP, &case, "o(unfused)", &uf.o, &f.o)?);
+        lines.push(compare(OP, &case, "lse(unfused)", &uf.lse, &f.lse)?);
+        let ub =
+            attention_backward_unfused(&gdout, &gq, &gk, &gv, &go, &glse, &cu_dev, max_seqlen, &p)?;
+        lines.push(compare(OP, &case, "dq(unfused)", &ub.dq, &b.dq)?);
+        lines.push(compare(OP, &case, "dk(unfused)", &ub.dk, &b.dk)?);
+        lines.push(compare(OP, &case, "dv(unfused)", &ub.dv, &b.dv)?);
     }
     Ok(lines)
 }
@@ -768,44 +1004,11 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         },
     )?;
     // HF eager attention: repeat_kv, then per sequence a strided-batched GEMM over heads for
-    // the scores (bf16), a causal softmax kernel (f32 math, bf16 probabilities saved for the
-    // backward), a GEMM for P V; the backward through the same graph.
-    let eager_fwd = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
-        let kx = eager::repeat_kv(k, tokens, hkv, hq / hkv, d)?;
-        let vx = eager::repeat_kv(v, tokens, hkv, hq / hkv, d)?;
-        let o = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
-        let mut probs = Vec::new();
-        for b in 0..seqs {
-            let s = Tensor::uninit_cuda(gpu, &[hq, seq, seq], DType::BF16)?;
-            gpu.gemm(&heads_gemm(
-                seq,
-                seq,
-                d,
-                (q, b, false),
-                (&kx, b, true),
-                (&s, 0, false),
-                p.softmax_scale,
-                hq,
-                seq,
-            ))?;
-            let pr = eager::causal_softmax(&s, seq, DType::BF16)?;
-            gpu.gemm(&heads_gemm(
-                seq,
-                d,
-                seq,
-                (&pr, 0, false),
-                (&vx, b, false),
-                (&o, b, false),
-                1.0,
-                hq,
-                seq,
-            ))?;
-            probs.push(pr);
-        }
-        Ok((o, probs))
-    };
+    // the scores (bf16), a causal softmax kernel (f32 math, bf16 probabilities), a GEMM for
+    // P V; the backward through the same graph, the scores and probabilities recomputed
+    // (the engine's unfused mode keeps only o and lse).
     let unfused_fwd = measure(gpu, cfg, OP, "unfused-fwd", &shape, 0.0, fwd_flops, || {
-        eager_fwd(&q, &k_, &v)?;
+        attention_forward_unfused(&q, &k_, &v, &cu, seq, &p)?;
         Ok(())
     })?;
     let unfused = measure(
@@ -817,117 +1020,12 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         0.0,
         fwd_flops + bwd_flops,
         || {
-            let (_o, probs) = eager_fwd(&q, &k_, &v)?;
-            let kx = eager::repeat_kv(&k_, tokens, hkv, hq / hkv, d)?;
-            let vx = eager::repeat_kv(&v, tokens, hkv, hq / hkv, d)?;
-            let dq = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
-            let dkx = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
-            let dvx = Tensor::uninit_cuda(gpu, &[tokens, hq, d], DType::BF16)?;
-            for (b, pr) in probs.iter().enumerate() {
-                let dp = Tensor::uninit_cuda(gpu, &[hq, seq, seq], DType::BF16)?;
-                gpu.gemm(&heads_gemm(
-                    seq,
-                    seq,
-                    d,
-                    (&dout, b, false),
-                    (&vx, b, true),
-                    (&dp, 0, false),
-                    1.0,
-                    hq,
-                    seq,
-                ))?;
-                let ds = eager::softmax_backward(pr, &dp, seq, DType::BF16)?;
-                let sc = p.softmax_scale;
-                gpu.gemm(&heads_gemm(
-                    seq,
-                    d,
-                    seq,
-                    (&ds, 0, false),
-                    (&kx, b, false),
-                    (&dq, b, false),
-                    sc,
-                    hq,
-                    seq,
-                ))?;
-                gpu.gemm(&heads_gemm(
-                    seq,
-                    d,
-                    seq,
-                    (&ds, 0, true),
-                    (&q, b, false),
-                    (&dkx, b, false),
-                    sc,
-                    hq,
-                    seq,
-                ))?;
-                gpu.gemm(&heads_gemm(
-                    seq,
-                    d,
-                    seq,
-                    (pr, 0, true),
-                    (&dout, b, false),
-                    (&dvx, b, false),
-                    1.0,
-                    hq,
-                    seq,
-                ))?;
-            }
-            eager::group_sum(&dkx, tokens, hkv, hq / hkv, d)?;
-            eager::group_sum(&dvx, tokens, hkv, hq / hkv, d)?;
+            let f = attention_forward_unfused(&q, &k_, &v, &cu, seq, &p)?;
+            attention_backward_unfused(&dout, &q, &k_, &v, &f.o, &f.lse, &cu, seq, &p)?;
             Ok(())
         },
     )?;
     Ok(vec![fused, fused_fwd, fused_simple, unfused, unfused_fwd])
-}
-
-/// One strided-batched GEMM over `heads`, `C = alpha op(A) op(B)`. Each operand is
-/// `(tensor, sequence, transposed)`: a `[heads, seq, seq]` matrix stack (score-like, sequence
-/// ignored) or a `[tokens, heads, d]` activation, of which sequence `b`'s rows are taken, one
-/// head per batch entry.
-#[allow(clippy::too_many_arguments)]
-fn heads_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: (&Tensor, usize, bool),
-    b: (&Tensor, usize, bool),
-    c: (&Tensor, usize, bool),
-    alpha: f32,
-    heads: usize,
-    seq: usize,
-) -> GemmSpec {
-    let operand = |(t, seqn, trans): (&Tensor, usize, bool)| {
-        let shape = t.shape();
-        if shape[1] == seq && shape.len() == 3 && shape[0] == heads && shape[2] == seq {
-            Operand {
-                ptr: t.dptr(),
-                dtype: t.dtype(),
-                ld: seq,
-                trans,
-                batch_stride: seq * seq,
-            }
-        } else {
-            let d = shape[2];
-            Operand {
-                ptr: t.dptr() + (seqn * seq * heads * d * t.dtype().size_in_bytes()) as u64,
-                dtype: t.dtype(),
-                ld: heads * d,
-                trans,
-                batch_stride: d,
-            }
-        }
-    };
-    GemmSpec {
-        m,
-        n,
-        k,
-        a: operand(a),
-        b: operand(b),
-        c: operand(c),
-        alpha,
-        beta: 0.0,
-        batch: heads,
-    }
 }
 
 #[cfg(test)]

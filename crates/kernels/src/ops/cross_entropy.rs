@@ -593,6 +593,8 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         let labels = Tensor::from_i32(&[rows], random_labels(rng, rows, v, ignored))?;
         let glabels = labels.to_device(&dev)?;
         let gl = cross_entropy_loss(&gx, &glabels, &p)?;
+        let mut ux = gx.to_device(&dev)?;
+        let uf = cross_entropy_forward_backward_unfused(&mut ux, &glabels, &p)?;
         let mut gx = gx;
         let gf = cross_entropy_forward_backward(&mut gx, &glabels, &p)?;
         let mut x = x;
@@ -613,6 +615,20 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             gf.n_valid == f.n_valid && gl.n_valid == f.n_valid,
         ));
         lines.push(compare(OP, &case, "dlogits", &gx, &x)?);
+        lines.push(compare_scalar(
+            OP,
+            &case,
+            "loss(unfused)",
+            uf.loss.to_f32_vec()?[0],
+            lc,
+        ));
+        lines.push(pass_line(
+            OP,
+            &case,
+            "n_valid(unfused)",
+            uf.n_valid == f.n_valid,
+        ));
+        lines.push(compare(OP, &case, "dlogits(unfused)", &ux, &x)?);
     }
     // The loss-only mode leaves the logits alone.
     let (x, gx) = random_pair(gpu, rng, &[33, 5000], DType::BF16, 2.0)?;
@@ -640,30 +656,122 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     Ok(lines)
 }
 
-/// The unfused composition, as torch runs `F.cross_entropy(logits.float(), labels)` eagerly
-/// and its backward: upcast, max, shift, exp, sum, log, log-softmax, gather; then softmax
-/// minus one-hot, scaled, cast back. All labels valid (no masking in this path).
-/// Returns (loss, gradient in the logits' dtype).
-pub(crate) fn eager_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (rows, _) = logits.rows_cols();
-    let xf = eager::unary(logits, UnaryOp::Cast, 0.0, DType::F32)?;
-    let m = eager::row_reduce(&xf, Reduce::Max)?;
-    let sh = eager::binary(&xf, &m, Broadcast::PerRow, BinaryOp::Sub, DType::F32)?;
-    drop(xf);
-    let e = eager::unary(&sh, UnaryOp::Exp, 0.0, DType::F32)?;
+/// [`cross_entropy_forward_backward`] as the plain composition of one-op kernels torch runs
+/// for `F.cross_entropy(logits.float(), labels, ignore_index, reduction="sum") / num_items`
+/// and its backward (see [`eager_cross_entropy`]); the gradient replaces `logits` (the fused
+/// op's in-place contract). The labels are read on the host once (for the valid count and
+/// the row mask), as the fused op reads its label count once. On the CPU this runs the
+/// reference.
+pub fn cross_entropy_forward_backward_unfused(
+    logits: &mut Tensor,
+    labels: &Tensor,
+    p: &CrossEntropy,
+) -> Result<CrossEntropyOut> {
+    check_inputs(OP, logits, labels, p)?;
+    if common_gpu(OP, &[("logits", logits), ("labels", labels)])?.is_none() {
+        return cross_entropy_forward_backward(logits, labels, p);
+    }
+    let (out, grad) = eager_cross_entropy(OP, logits, labels, p)?;
+    *logits = grad;
+    Ok(out)
+}
+
+/// 1 for a row whose label counts, 0 for an ignored one: the row mask of the unfused loss.
+pub(crate) fn label_mask(labels: &[i32], ignore: i32) -> Vec<f32> {
+    labels
+        .iter()
+        .map(|&l| if l == ignore { 0.0 } else { 1.0 })
+        .collect()
+}
+
+/// The unfused cross-entropy on the GPU, one elementwise or row-reduction kernel per torch
+/// op, all in f32 from the stored logits: upcast, (soft-cap: scale, tanh, scale), max,
+/// shift, exp, sum, log, log-softmax, gather of the target log-probabilities, the per-row
+/// loss `(1 - eps) nll + eps mean(-log p) + z lse^2` masked by the label mask, its sum over
+/// the normalizer; then the gradient `(1 + 2 z lse) softmax - eps / V - (1 - eps) onehot`,
+/// times the soft-cap's `1 - tanh^2`, times `mask * grad_scale / normalizer`, cast to the
+/// logits' dtype. Labels are checked on the host (the error names `op`, the row and the
+/// label). Returns the loss and the gradient.
+pub(crate) fn eager_cross_entropy(
+    op: &'static str,
+    logits: &Tensor,
+    labels: &Tensor,
+    p: &CrossEntropy,
+) -> Result<(CrossEntropyOut, Tensor)> {
+    let (rows, v) = logits.rows_cols();
+    let host = labels.to_i32_vec()?;
+    let n_valid = check_labels(op, &host, v, p.ignore_index)?;
+    let inv = inv_normalizer(p, n_valid) as f32;
+    let dev = logits.device();
+    let mask = Tensor::from_f32(&[rows], label_mask(&host, p.ignore_index))?.to_device(&dev)?;
+    let f = DType::F32;
+    let eps = p.label_smoothing;
+    let xf = eager::unary(logits, UnaryOp::Cast, 0.0, f)?;
+    // z = c tanh(x / c) with the soft-cap; tanh kept for the gradient.
+    let (z, th) = match p.softcap {
+        Some(c) => {
+            let xs = eager::unary(&xf, UnaryOp::Scale, 1.0 / c, f)?;
+            drop(xf);
+            let th = eager::unary(&xs, UnaryOp::Tanh, 0.0, f)?;
+            drop(xs);
+            (eager::unary(&th, UnaryOp::Scale, c, f)?, Some(th))
+        }
+        None => (xf, None),
+    };
+    let m = eager::row_reduce(&z, Reduce::Max)?;
+    let sh = eager::binary(&z, &m, Broadcast::PerRow, BinaryOp::Sub, f)?;
+    drop(z);
+    let e = eager::unary(&sh, UnaryOp::Exp, 0.0, f)?;
     let s = eager::row_reduce(&e, Reduce::Sum)?;
     drop(e);
-    let ls = eager::unary(&s, UnaryOp::Log, 0.0, DType::F32)?;
-    let logp = eager::binary(&sh, &ls, Broadcast::PerRow, BinaryOp::Sub, DType::F32)?;
+    let ls = eager::unary(&s, UnaryOp::Log, 0.0, f)?;
+    let logp = eager::binary(&sh, &ls, Broadcast::PerRow, BinaryOp::Sub, f)?;
     drop(sh);
-    let picked = eager::gather_rows(&logp, labels)?.reshape(&[1, rows])?;
-    let nll = eager::row_reduce(&picked, Reduce::Mean)?;
-    let loss = eager::unary(&nll, UnaryOp::Scale, -1.0, DType::F32)?;
-    let mut prob = eager::unary(&logp, UnaryOp::Exp, 0.0, DType::F32)?;
+    let lse = eager::binary(&m, &ls, Broadcast::None, BinaryOp::Add, f)?;
+    // Per-row loss.
+    let picked = eager::gather_rows(&logp, labels)?;
+    let mut row = eager::unary(&picked, UnaryOp::Scale, -(1.0 - eps), f)?;
+    if eps > 0.0 {
+        let mean = eager::row_reduce(&logp, Reduce::Mean)?;
+        let smooth = eager::unary(&mean, UnaryOp::Scale, -eps, f)?;
+        row = eager::binary(&row, &smooth, Broadcast::None, BinaryOp::Add, f)?;
+    }
+    if p.z_loss > 0.0 {
+        let sq = eager::unary(&lse, UnaryOp::Square, 0.0, f)?;
+        let zl = eager::unary(&sq, UnaryOp::Scale, p.z_loss, f)?;
+        row = eager::binary(&row, &zl, Broadcast::None, BinaryOp::Add, f)?;
+    }
+    let row = eager::binary(&row, &mask, Broadcast::None, BinaryOp::Mul, f)?.reshape(&[1, rows])?;
+    let total = eager::row_reduce(&row, Reduce::Sum)?;
+    let loss = eager::unary(&total, UnaryOp::Scale, inv, f)?;
+    // Gradient.
+    let mut prob = eager::unary(&logp, UnaryOp::Exp, 0.0, f)?;
     drop(logp);
-    eager::scatter_add_rows(&mut prob, labels, -1.0)?;
-    let grad = eager::unary(&prob, UnaryOp::Scale, 1.0 / rows as f32, logits.dtype())?;
-    Ok((loss, grad))
+    if p.z_loss > 0.0 {
+        let a = eager::unary(&lse, UnaryOp::Scale, 2.0 * p.z_loss, f)?;
+        let a = eager::unary(&a, UnaryOp::AddScalar, 1.0, f)?;
+        prob = eager::binary(&prob, &a, Broadcast::PerRow, BinaryOp::Mul, f)?;
+    }
+    if eps > 0.0 {
+        prob = eager::unary(&prob, UnaryOp::AddScalar, -eps / v as f32, f)?;
+    }
+    eager::scatter_add_rows(&mut prob, labels, -(1.0 - eps))?;
+    if let Some(th) = th {
+        let t2 = eager::unary(&th, UnaryOp::Square, 0.0, f)?;
+        drop(th);
+        let neg = eager::unary(&t2, UnaryOp::Scale, -1.0, f)?;
+        let cap = eager::unary(&neg, UnaryOp::AddScalar, 1.0, f)?;
+        prob = eager::binary(&prob, &cap, Broadcast::None, BinaryOp::Mul, f)?;
+    }
+    let coef = eager::unary(&mask, UnaryOp::Scale, p.grad_scale * inv, f)?;
+    let grad = eager::binary(
+        &prob,
+        &coef,
+        Broadcast::PerRow,
+        BinaryOp::Mul,
+        logits.dtype(),
+    )?;
+    Ok((CrossEntropyOut { loss, n_valid }, grad))
 }
 
 pub const BENCH: KernelBench = KernelBench { op: OP, run: bench };
@@ -696,7 +804,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         Ok(())
     })?;
     let unfused = measure(gpu, cfg, OP, "unfused", &shape, floor, 0.0, || {
-        eager_cross_entropy(&x, &labels)?;
+        eager_cross_entropy(OP, &x, &labels, &p)?;
         Ok(())
     })?;
     Ok(vec![fused, eval, unfused])
@@ -964,5 +1072,35 @@ pub(crate) mod tests {
         assert_eq!((l.threads, l.cache_chunks), (64, 0));
         let l = rows_launch(128256, DType::BF16, false, blk, sm);
         assert_eq!(l.cache_chunks, 0);
+    }
+
+    /// The unfused loss's row mask: ignore_index rows 0, every other row 1, whatever the
+    /// ignore value (a class id used as ignore_index is masked too).
+    #[test]
+    fn label_mask_marks_ignored_rows() {
+        assert_eq!(
+            label_mask(&[3, IGNORE_INDEX, 0, IGNORE_INDEX, 7], IGNORE_INDEX),
+            vec![1.0, 0.0, 1.0, 0.0, 1.0]
+        );
+        assert_eq!(label_mask(&[5, 2, 5], 5), vec![0.0, 1.0, 0.0]);
+        assert!(label_mask(&[], IGNORE_INDEX).is_empty());
+    }
+
+    /// On the CPU the unfused entry point is the reference itself.
+    #[test]
+    fn unfused_on_the_cpu_is_the_reference() {
+        let mut rng = Rng::new(44);
+        let (rows, v) = (9, 31);
+        let xs = rng.normal_vec(rows * v, 2.0);
+        let labels = Tensor::from_i32(&[rows], random_labels(&mut rng, rows, v, 0.3)).unwrap();
+        for p in options() {
+            let mut a = Tensor::from_f32(&[rows, v], xs.clone()).unwrap();
+            let mut b = Tensor::from_f32(&[rows, v], xs.clone()).unwrap();
+            let fa = cross_entropy_forward_backward(&mut a, &labels, &p).unwrap();
+            let fb = cross_entropy_forward_backward_unfused(&mut b, &labels, &p).unwrap();
+            assert_eq!(fa.loss.to_f32_vec().unwrap(), fb.loss.to_f32_vec().unwrap());
+            assert_eq!(fa.n_valid, fb.n_valid);
+            assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        }
     }
 }

@@ -27,6 +27,11 @@ pub enum UnaryOp {
     Log = 7,
     GeluTanh = 8,
     AddScalar = 9,
+    Tanh = 10,
+    /// `min(x, s)`: torch's `clamp(max=s)`.
+    MinScalar = 11,
+    /// `s / x`.
+    ScalarDiv = 12,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +51,8 @@ pub enum Broadcast {
     Row = 1,
     /// `b` holds one value per row of `a`.
     PerRow = 2,
+    /// `b` is one value (a device scalar).
+    Scalar = 3,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +100,7 @@ pub fn binary(
         Broadcast::None => a.elem_count(),
         Broadcast::Row => cols,
         Broadcast::PerRow => rows,
+        Broadcast::Scalar => 1,
     };
     if b.elem_count() != need {
         return Err(KernelError::shape(
@@ -305,15 +313,40 @@ pub fn group_sum(x: &Tensor, tokens: usize, hkv: usize, group: usize, d: usize) 
 }
 
 /// Causal softmax over a stack of square `[n, n]` score matrices (rows folded), in f32,
-/// output in `out`.
-pub fn causal_softmax(s: &Tensor, n: usize, out: DType) -> Result<Tensor> {
+/// output in `out`. With `lse = Some((lse, start))`, the stack is one document's
+/// `[heads, n, n]` scores and each row's log-sum-exp is written to the f32 `[heads, tokens]`
+/// tensor `lse` at column `start + row` (the fused attention's layout).
+pub fn causal_softmax(
+    s: &Tensor,
+    n: usize,
+    out: DType,
+    lse: Option<(&Tensor, usize)>,
+) -> Result<Tensor> {
     let gpu = gpu_of("eager_causal_softmax", s)?;
     let p = Tensor::uninit_cuda(&gpu, s.shape(), out)?;
     let rows = s.elem_count() / n.max(1);
+    let (lse_ptr, lse_ld) = match lse {
+        None => (0u64, 0usize),
+        Some((t, start)) => {
+            let (heads, tokens) = t.rows_cols();
+            if t.dtype() != DType::F32 || heads * n != rows || start + n > tokens {
+                return Err(KernelError::shape(
+                    "eager_causal_softmax",
+                    format!(
+                        "lse {} {:?} cannot take {rows} rows of {n} from token {start}",
+                        t.dtype(),
+                        t.shape()
+                    ),
+                ));
+            }
+            (t.dptr() + (start * 4) as u64, tokens)
+        }
+    };
     let f = gpu.function(&SOURCE, "eager_causal_softmax")?;
     let blocks = rows.clamp(1, gpu.sm_count() * 16) as u32;
     launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0;
-        s.dptr(), is_bf16(s), p.dptr(), is_bf16(&p), rows as i64, n as i64)?;
+        s.dptr(), is_bf16(s), p.dptr(), is_bf16(&p), rows as i64, n as i64, lse_ptr,
+        lse_ld as i64)?;
     Ok(p)
 }
 

@@ -20,6 +20,7 @@ use crate::ops::cross_entropy::{
     self as ce, check_labels, check_params, cpu_row_grads, cpu_row_stats, gpu_count_labels,
     gpu_reduce_loss, gpu_rows, inv_normalizer, read_status, CrossEntropy, RowsArgs,
 };
+use crate::ops::eager::{self, BinaryOp, Broadcast};
 use crate::ops::matmul::{cpu_matmul, matmul, transpose};
 use crate::rng::Rng;
 use crate::{DType, Device, Tensor};
@@ -75,6 +76,70 @@ pub fn fused_linear_cross_entropy(
     p: &FusedLinearCrossEntropy,
     dw: Option<&mut Tensor>,
 ) -> Result<FlceOut> {
+    let c = check(h, w, labels, p, dw.as_deref())?;
+    let Call {
+        n,
+        hid,
+        v,
+        chunk,
+        gpu,
+    } = c;
+    match gpu {
+        Some(gpu) => gpu_flce(&gpu, h, w, labels, p, dw, n, hid, v, chunk),
+        None => cpu_flce(h, w, labels, p, dw, n, hid, v, chunk),
+    }
+}
+
+/// [`fused_linear_cross_entropy`] as the plain composition: the full `[tokens, vocab]`
+/// logits in one GEMM (stored in h's dtype, as HF's lm_head), the unfused cross-entropy
+/// (one kernel per torch op, see `cross_entropy`'s eager composition: ignore_index,
+/// `num_items`, smoothing, z-loss and soft-cap as the fused op), then the two gradient GEMMs
+/// `dh = grad W` and, when `dw` is given, `grad^T h` added to it by a separate add.
+/// `chunk_tokens` is not used (one chunk of everything). Same outputs; on the CPU this runs
+/// the reference.
+pub fn linear_cross_entropy_unfused(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    p: &FusedLinearCrossEntropy,
+    dw: Option<&mut Tensor>,
+) -> Result<FlceOut> {
+    if check(h, w, labels, p, dw.as_deref())?.gpu.is_none() {
+        return fused_linear_cross_entropy(h, w, labels, p, dw);
+    }
+    let dt = h.dtype();
+    let logits = matmul(h, false, w, true, dt)?;
+    let (out, grad) = ce::eager_cross_entropy(OP, &logits, labels, &p.ce)?;
+    drop(logits);
+    let dh = matmul(&grad, false, w, false, dt)?.reshape(h.shape())?;
+    if let Some(dw) = dw {
+        let fresh = matmul(&grad, true, h, false, dw.dtype())?;
+        *dw = eager::binary(dw, &fresh, Broadcast::None, BinaryOp::Add, dw.dtype())?;
+    }
+    Ok(FlceOut {
+        loss: out.loss,
+        n_valid: out.n_valid,
+        dh,
+    })
+}
+
+/// Checked sizes of one call: tokens, hidden, vocab, tokens per chunk, and the GPU (None:
+/// the CPU).
+struct Call {
+    n: usize,
+    hid: usize,
+    v: usize,
+    chunk: usize,
+    gpu: Option<Arc<Gpu>>,
+}
+
+fn check(
+    h: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    p: &FusedLinearCrossEntropy,
+    dw: Option<&Tensor>,
+) -> Result<Call> {
     expect_dtype(OP, "h", h, &[DType::F32, DType::BF16])?;
     expect_dtype(OP, "weight", w, &[h.dtype()])?;
     expect_dtype(OP, "labels", labels, &[DType::I32])?;
@@ -94,7 +159,7 @@ pub fn fused_linear_cross_entropy(
     }
     let v = w.shape()[0];
     expect_shape(OP, "labels", labels, &hs[..hs.len() - 1])?;
-    if let Some(dw) = &dw {
+    if let Some(dw) = dw {
         // cuBLAS takes a bf16 output only with bf16 operands.
         let allowed: &[DType] = match h.dtype() {
             DType::BF16 => &[DType::F32, DType::BF16],
@@ -122,13 +187,16 @@ pub fn fused_linear_cross_entropy(
         ));
     }
     let mut tensors = vec![("h", h), ("weight", w), ("labels", labels)];
-    if let Some(dw) = &dw {
-        tensors.push(("dw", &**dw));
+    if let Some(dw) = dw {
+        tensors.push(("dw", dw));
     }
-    match common_gpu(OP, &tensors)? {
-        Some(gpu) => gpu_flce(&gpu, h, w, labels, p, dw, n, hid, v, chunk),
-        None => cpu_flce(h, w, labels, p, dw, n, hid, v, chunk),
-    }
+    Ok(Call {
+        n,
+        hid,
+        v,
+        chunk,
+        gpu: common_gpu(OP, &tensors)?,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -467,8 +535,13 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             }
             None => (None, None),
         };
+        let mut udw = match &gdw {
+            Some(t) => Some(t.to_device(&dev)?),
+            None => None,
+        };
         let gf = fused_linear_cross_entropy(&gh, &gw, &glabels, &p, gdw.as_mut())?;
         let f = fused_linear_cross_entropy(&h, &w, &labels, &p, dw.as_mut())?;
+        let uf = linear_cross_entropy_unfused(&gh, &gw, &glabels, &p, udw.as_mut())?;
         // With bf16 operands, cuBLAS and the CPU sum the GEMMs in different orders, so a few
         // logits round to the neighbouring bf16 value (a 2^-8 relative step); the loss and
         // the f32 dW move by that, far above f32 rounding. Their tolerance is then set by
@@ -481,6 +554,23 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         lines.push(compare_tol(&case, "dh", &gf.dh, &f.dh, grad_tol)?);
         if let (Some(a), Some(b)) = (&gdw, &dw) {
             lines.push(compare_tol(&case, "dw", a, b, grad_tol)?);
+        }
+        lines.push(compare_tol(
+            &case,
+            "loss(unfused)",
+            &uf.loss,
+            &f.loss,
+            loss_tol,
+        )?);
+        lines.push(ce::pass_line(
+            OP,
+            &case,
+            "n_valid(unfused)",
+            uf.n_valid == f.n_valid,
+        ));
+        lines.push(compare_tol(&case, "dh(unfused)", &uf.dh, &f.dh, grad_tol)?);
+        if let (Some(a), Some(b)) = (&udw, &dw) {
+            lines.push(compare_tol(&case, "dw(unfused)", a, b, grad_tol)?);
         }
     }
     // A label outside the vocabulary is an error naming the op, the row and the label.
@@ -575,11 +665,9 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         })?);
     }
     drop((logits, dh));
+    let p = FusedLinearCrossEntropy::default();
     rows.push(measure(gpu, cfg, OP, "unfused", &shape, 0.0, two, || {
-        let logits = matmul(&h, false, &w, true, DType::BF16)?;
-        let (_loss, grad) = ce::eager_cross_entropy(&logits, &labels)?;
-        drop(logits);
-        let _dh = matmul(&grad, false, &w, false, DType::BF16)?;
+        linear_cross_entropy_unfused(&h, &w, &labels, &p, None)?;
         Ok(())
     })?);
     Ok(rows)

@@ -159,12 +159,12 @@ fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Ten
     }
 }
 
-/// `y = x W^T (+ bias) + s (x_d A^T) B^T` with `x_d = x_lora.unwrap_or(x)`; saves `x_d A^T`.
-pub fn lora_linear_forward(
+/// The forward's inputs checked: the layer's sizes and the GPU (None: the CPU).
+fn check_forward(
     layer: &LoraLinear,
     x: &Tensor,
     x_lora: Option<&Tensor>,
-) -> Result<LoraForward> {
+) -> Result<(Dims, Option<Arc<Gpu>>)> {
     let d = check_layer(layer, x)?;
     if let Some(xl) = x_lora {
         expect_dtype(OP, "x_lora", xl, &[x.dtype()])?;
@@ -173,7 +173,16 @@ pub fn lora_linear_forward(
     let mut tensors = vec![("x", x), ("w", layer.w), ("a", layer.a), ("b", layer.b)];
     tensors.extend(layer.bias.map(|t| ("bias", t)));
     tensors.extend(x_lora.map(|t| ("x_lora", t)));
-    let gpu = common_gpu(OP, &tensors)?;
+    Ok((d, common_gpu(OP, &tensors)?))
+}
+
+/// `y = x W^T (+ bias) + s (x_d A^T) B^T` with `x_d = x_lora.unwrap_or(x)`; saves `x_d A^T`.
+pub fn lora_linear_forward(
+    layer: &LoraLinear,
+    x: &Tensor,
+    x_lora: Option<&Tensor>,
+) -> Result<LoraForward> {
+    let (d, gpu) = check_forward(layer, x, x_lora)?;
     let dt = x.dtype();
     let (mut a_slot, mut b_slot) = (None, None);
     let a = as_dtype(layer.a, dt, &mut a_slot)?;
@@ -208,29 +217,8 @@ pub fn lora_linear_backward(
     db: &mut Tensor,
     need_dx: bool,
 ) -> Result<Option<Tensor>> {
-    let d = check_layer(layer, x)?;
+    let (d, gpu) = check_backward(layer, dy, x, xa, da, db)?;
     let dt = x.dtype();
-    expect_dtype(OP, "dy", dy, &[dt])?;
-    expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
-    expect_dtype(OP, "xa", xa, &[dt])?;
-    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
-    expect_dtype(OP, "da", da, &[DType::F32])?;
-    expect_shape(OP, "da", da, &[d.r, d.inp])?;
-    expect_dtype(OP, "db", db, &[DType::F32])?;
-    expect_shape(OP, "db", db, &[d.out, d.r])?;
-    let gpu = common_gpu(
-        OP,
-        &[
-            ("dy", dy),
-            ("x", x),
-            ("xa", xa),
-            ("w", layer.w),
-            ("a", layer.a),
-            ("b", layer.b),
-            ("da", da),
-            ("db", db),
-        ],
-    )?;
     let s = layer.scaling;
     matmul_into(dy, true, xa, false, db, s, 1.0)?;
     let mut dxa = output(&gpu, &with_last(x, d.r), dt)?;
@@ -269,6 +257,57 @@ pub fn lora_linear_xa(layer: &LoraLinear, x: &Tensor) -> Result<Tensor> {
 /// `need_dx = false` and freed the forward input before allocating dx (it recomputes the
 /// rank-r `s dy B`, a GEMM of `2 tokens out r` FLOPs, to hold nothing in between).
 pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor> {
+    let (r, inp, gpu) = check_backward_dx(layer, dy)?;
+    let dt = dy.dtype();
+    let (mut a_slot, mut b_slot) = (None, None);
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let b = as_dtype(layer.b, dt, &mut b_slot)?;
+    let lead = &dy.shape()[..dy.shape().len() - 1];
+    let mut dxa = output(&gpu, &[lead, &[r]].concat(), dt)?;
+    matmul_into(dy, false, b, false, &mut dxa, layer.scaling, 0.0)?;
+    let mut dx = output(&gpu, &[lead, &[inp]].concat(), dt)?;
+    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
+    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
+    Ok(dx)
+}
+
+/// [`lora_linear_backward`]'s inputs checked: the layer's sizes and the GPU (None: the CPU).
+fn check_backward(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &Tensor,
+    db: &Tensor,
+) -> Result<(Dims, Option<Arc<Gpu>>)> {
+    let d = check_layer(layer, x)?;
+    let dt = x.dtype();
+    expect_dtype(OP, "dy", dy, &[dt])?;
+    expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
+    expect_dtype(OP, "xa", xa, &[dt])?;
+    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
+    expect_dtype(OP, "da", da, &[DType::F32])?;
+    expect_shape(OP, "da", da, &[d.r, d.inp])?;
+    expect_dtype(OP, "db", db, &[DType::F32])?;
+    expect_shape(OP, "db", db, &[d.out, d.r])?;
+    let gpu = common_gpu(
+        OP,
+        &[
+            ("dy", dy),
+            ("x", x),
+            ("xa", xa),
+            ("w", layer.w),
+            ("a", layer.a),
+            ("b", layer.b),
+            ("da", da),
+            ("db", db),
+        ],
+    )?;
+    Ok((d, gpu))
+}
+
+/// [`lora_linear_backward_dx`]'s inputs checked: rank, in dim and the GPU.
+fn check_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<(usize, usize, Option<Arc<Gpu>>)> {
     let (out, inp) = layer.w.rows_cols();
     let dt = dy.dtype();
     expect_dtype(OP, "dy", dy, &[DType::F32, DType::BF16])?;
@@ -291,16 +330,108 @@ pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor
         OP,
         &[("dy", dy), ("w", layer.w), ("a", layer.a), ("b", layer.b)],
     )?;
+    Ok((r, inp, gpu))
+}
+
+// ---- The unfused compositions: what autograd runs for PEFT's eager `Linear` with a LoRA
+// adapter. Each product is its own GEMM writing a fresh tensor; the scaling, the bias, the
+// sum of the two branches and the accumulation of dA and dB onto the caller's buffers are
+// separate elementwise kernels (the fused path folds all of them into GEMM alpha/beta
+// epilogues). On the CPU each runs the reference (the same GEMMs).
+
+/// [`lora_linear_forward`], unfused: `x W^T`, `+ bias`, `xa = x_d A^T`, `xa B^T`, `* s`,
+/// `+`. Same outputs.
+pub fn lora_linear_forward_unfused(
+    layer: &LoraLinear,
+    x: &Tensor,
+    x_lora: Option<&Tensor>,
+) -> Result<LoraForward> {
+    let (d, gpu) = check_forward(layer, x, x_lora)?;
+    if gpu.is_none() {
+        return lora_linear_forward(layer, x, x_lora);
+    }
+    let dt = x.dtype();
     let (mut a_slot, mut b_slot) = (None, None);
     let a = as_dtype(layer.a, dt, &mut a_slot)?;
     let b = as_dtype(layer.b, dt, &mut b_slot)?;
+    let mut base = matmul(x, false, layer.w, true, dt)?;
+    if let Some(bias) = layer.bias {
+        base = eager::binary(&base, bias, Broadcast::Row, BinaryOp::Add, dt)?;
+    }
+    let xa = matmul(x_lora.unwrap_or(x), false, a, true, dt)?;
+    let u = matmul(&xa, false, b, true, dt)?;
+    let us = eager::unary(&u, UnaryOp::Scale, layer.scaling, dt)?;
+    drop(u);
+    let y = eager::binary(&base, &us, Broadcast::None, BinaryOp::Add, dt)?;
+    Ok(LoraForward {
+        y: y.reshape(&with_last(x, d.out))?,
+        xa: xa.reshape(&with_last(x, d.r))?,
+    })
+}
+
+/// [`lora_linear_backward`], unfused: `du = s dy`, `dB += du^T xa` and `dA += (du B)^T x_d`
+/// (fresh f32 products, then adds that replace `da` and `db`), and when `need_dx`,
+/// `dx = dy W + (du B) A` as two GEMMs and an add. Same outputs.
+pub fn lora_linear_backward_unfused(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &mut Tensor,
+    db: &mut Tensor,
+    need_dx: bool,
+) -> Result<Option<Tensor>> {
+    if check_backward(layer, dy, x, xa, da, db)?.1.is_none() {
+        return lora_linear_backward(layer, dy, x, xa, da, db, need_dx);
+    }
+    let dt = x.dtype();
+    let f = DType::F32;
+    let du = eager::unary(dy, UnaryOp::Scale, layer.scaling, dt)?;
+    let db_new = matmul(&du, true, xa, false, f)?;
+    *db = eager::binary(db, &db_new, Broadcast::None, BinaryOp::Add, f)?;
+    drop(db_new);
+    let dxa = {
+        let mut b_slot = None;
+        let b = as_dtype(layer.b, dt, &mut b_slot)?;
+        matmul(&du, false, b, false, dt)?
+    };
+    drop(du);
+    let da_new = matmul(&dxa, true, x, false, f)?;
+    *da = eager::binary(da, &da_new, Broadcast::None, BinaryOp::Add, f)?;
+    drop(da_new);
+    if !need_dx {
+        return Ok(None);
+    }
+    Ok(Some(unfused_dx(layer, dy, &dxa)?.reshape(x.shape())?))
+}
+
+/// [`lora_linear_backward_dx`], unfused: `du = s dy`, `dxa = du B`, then
+/// `dx = dy W + dxa A` as two GEMMs and an add. Same output.
+pub fn lora_linear_backward_dx_unfused(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor> {
+    let (_, inp, gpu) = check_backward_dx(layer, dy)?;
+    if gpu.is_none() {
+        return lora_linear_backward_dx(layer, dy);
+    }
+    let dt = dy.dtype();
+    let du = eager::unary(dy, UnaryOp::Scale, layer.scaling, dt)?;
+    let dxa = {
+        let mut b_slot = None;
+        let b = as_dtype(layer.b, dt, &mut b_slot)?;
+        matmul(&du, false, b, false, dt)?
+    };
+    drop(du);
     let lead = &dy.shape()[..dy.shape().len() - 1];
-    let mut dxa = output(&gpu, &[lead, &[r]].concat(), dt)?;
-    matmul_into(dy, false, b, false, &mut dxa, layer.scaling, 0.0)?;
-    let mut dx = output(&gpu, &[lead, &[inp]].concat(), dt)?;
-    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
-    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
-    Ok(dx)
+    unfused_dx(layer, dy, &dxa)?.reshape(&[lead, &[inp]].concat())
+}
+
+/// `dy W + dxa A`: two GEMMs into fresh tensors and an add.
+fn unfused_dx(layer: &LoraLinear, dy: &Tensor, dxa: &Tensor) -> Result<Tensor> {
+    let dt = dy.dtype();
+    let mut a_slot = None;
+    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let dx0 = matmul(dy, false, layer.w, false, dt)?;
+    let dx1 = matmul(dxa, false, a, false, dt)?;
+    eager::binary(&dx0, &dx1, Broadcast::None, BinaryOp::Add, dt)
 }
 
 /// `W += s B A` in place: the rank-r product in fp32, W rounded once to its dtype. With
@@ -483,6 +614,8 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
     // 1-ulp difference in the forward's bf16 rounding of xa is the forward's, not dB's.
     let ref_xa = f.xa.to_device(&Device::Cuda(gpu.clone()))?;
     let (x_d, gx_d) = if c.x_lora { (&xl, &gxl) } else { (&x, &gx) };
+    let dev = Device::Cuda(gpu.clone());
+    let (mut uda, mut udb) = (gda.to_device(&dev)?, gdb.to_device(&dev)?);
     let dx = lora_linear_backward(&layer, &dy, x_d, &f.xa, &mut da, &mut db, true)?;
     let gdx = lora_linear_backward(&glayer, &gdy, gx_d, &ref_xa, &mut gda, &mut gdb, true)?;
     lines.push(compare(
@@ -510,17 +643,46 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
         f.xa.to_cpu()?
     };
     lines.push(compare(OP, &case, "xa(alone)", &gxa_only, &xa_ref)?);
-    let mut l = compare(OP, &case, "dA", &gda, &da)?;
+    lines.push(da_line(&case, "dA", &gda, &da, dt)?);
+    // The unfused composition from the same inputs (the reference's xa again).
+    let uf = lora_linear_forward_unfused(&glayer, &gx, c.x_lora.then_some(&gxl))?;
+    lines.push(compare(OP, &case, "y(unfused)", &uf.y, &f.y)?);
+    lines.push(compare(OP, &case, "xa(unfused)", &uf.xa, &f.xa)?);
+    let udx = lora_linear_backward_unfused(&glayer, &gdy, gx_d, &ref_xa, &mut uda, &mut udb, true)?;
+    let dx = dx.as_ref().unwrap();
+    lines.push(compare(
+        OP,
+        &case,
+        "dx(unfused)",
+        udx.as_ref().unwrap(),
+        dx,
+    )?);
+    lines.push(compare(OP, &case, "dB(unfused)", &udb, &db)?);
+    lines.push(da_line(&case, "dA(unfused)", &uda, &da, dt)?);
+    if !c.x_lora {
+        let udx_only = lora_linear_backward_dx_unfused(&glayer, &gdy)?;
+        lines.push(compare(OP, &case, "dx(alone, unfused)", &udx_only, dx)?);
+    }
+    Ok(lines)
+}
+
+/// dA's check line. In bf16, dA = dxa^T x_d where dxa = s dy B is stored in bf16: cuBLAS
+/// and the CPU sum dy B in different orders, so a few dxa elements round to neighbouring
+/// bf16 values (a 2^-8 step); each such flip moves dA by ~1e-4 relative at these sizes. Both
+/// are correct roundings; a wrong index would be off by O(1).
+fn da_line(
+    case: &str,
+    output: &str,
+    out: &Tensor,
+    reference: &Tensor,
+    dt: DType,
+) -> Result<CheckLine> {
+    let mut l = compare(OP, case, output, out, reference)?;
     if dt == DType::BF16 {
-        // dA = dxa^T x_d where dxa = s dy B is stored in bf16. cuBLAS and the CPU sum
-        // dy B in different orders, so a few dxa elements round to neighbouring bf16 values
-        // (a 2^-8 step); each such flip moves dA by ~1e-4 relative at these sizes. Both are
-        // correct roundings; a wrong index would be off by O(1).
         l.tol = 1e-3;
         l.pass = l.rel_err < l.tol;
     }
-    lines.push(l);
-    Ok(lines)
+    Ok(l)
 }
 
 /// Merge and unmerge, GPU against the CPU reference, and safe mode's refusal.
@@ -671,22 +833,8 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             0.0,
             flops,
             || {
-                let (ab, bb) = (cast(&a, DType::BF16)?, cast(&b, DType::BF16)?);
-                let y0 = matmul(&x, false, &w, true, DType::BF16)?;
-                let t = matmul(&x, false, &ab, true, DType::BF16)?;
-                let u = matmul(&t, false, &bb, true, DType::BF16)?;
-                let us = eager::unary(&u, UnaryOp::Scale, 2.0, DType::BF16)?;
-                let _y = eager::binary(&y0, &us, Broadcast::None, BinaryOp::Add, DType::BF16)?;
-                drop((y0, u, us));
-                let du = eager::unary(&dy, UnaryOp::Scale, 2.0, DType::BF16)?;
-                let db_new = matmul(&du, true, &t, false, DType::F32)?;
-                let _db = eager::binary(&db, &db_new, Broadcast::None, BinaryOp::Add, DType::F32)?;
-                let dt = matmul(&du, false, &bb, false, DType::BF16)?;
-                let da_new = matmul(&dt, true, &x, false, DType::F32)?;
-                let _da = eager::binary(&da, &da_new, Broadcast::None, BinaryOp::Add, DType::F32)?;
-                let dx0 = matmul(&dy, false, &w, false, DType::BF16)?;
-                let dx1 = matmul(&dt, false, &ab, false, DType::BF16)?;
-                let _dx = eager::binary(&dx0, &dx1, Broadcast::None, BinaryOp::Add, DType::BF16)?;
+                let f = lora_linear_forward_unfused(&layer, &x, None)?;
+                lora_linear_backward_unfused(&layer, &dy, &x, &f.xa, &mut da, &mut db, true)?;
                 Ok(())
             },
         )?);

@@ -64,14 +64,38 @@ fn check_x_w(x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     Ok((rows, cols))
 }
 
-pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, p: RmsNorm) -> Result<RmsNormForward> {
-    let (rows, cols) = check_x_w(x, weight)?;
+fn check_eps(p: RmsNorm) -> Result<()> {
     if !(p.eps >= 0.0 && p.eps.is_finite()) {
         return Err(KernelError::invalid(
             OP,
             format!("eps must be finite and >= 0, got {}", p.eps),
         ));
     }
+    Ok(())
+}
+
+/// The backward's inputs checked; the GPU they are on (None: the CPU), rows and cols.
+fn check_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+) -> Result<(Option<Arc<Gpu>>, usize, usize)> {
+    let (rows, cols) = check_x_w(x, weight)?;
+    expect_dtype(OP, "dy", dy, &[x.dtype()])?;
+    expect_shape(OP, "dy", dy, x.shape())?;
+    expect_dtype(OP, "rstd", rstd, &[DType::F32])?;
+    expect_shape(OP, "rstd", rstd, &[rows])?;
+    let gpu = common_gpu(
+        OP,
+        &[("dy", dy), ("x", x), ("weight", weight), ("rstd", rstd)],
+    )?;
+    Ok((gpu, rows, cols))
+}
+
+pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, p: RmsNorm) -> Result<RmsNormForward> {
+    let (rows, cols) = check_x_w(x, weight)?;
+    check_eps(p)?;
     match common_gpu(OP, &[("x", x), ("weight", weight)])? {
         None => cpu_forward(x, weight, p, rows, cols),
         Some(gpu) => {
@@ -95,15 +119,7 @@ pub fn rms_norm_backward(
     p: RmsNorm,
     weight_grad: bool,
 ) -> Result<RmsNormBackward> {
-    let (rows, cols) = check_x_w(x, weight)?;
-    expect_dtype(OP, "dy", dy, &[x.dtype()])?;
-    expect_shape(OP, "dy", dy, x.shape())?;
-    expect_dtype(OP, "rstd", rstd, &[DType::F32])?;
-    expect_shape(OP, "rstd", rstd, &[rows])?;
-    let gpu = common_gpu(
-        OP,
-        &[("dy", dy), ("x", x), ("weight", weight), ("rstd", rstd)],
-    )?;
+    let (gpu, rows, cols) = check_backward(dy, x, weight, rstd)?;
     let Some(gpu) = gpu else {
         return cpu_backward(dy, x, weight, rstd, p, weight_grad, rows, cols);
     };
@@ -122,15 +138,7 @@ pub fn rms_norm_backward_inplace(
     rstd: &Tensor,
     p: RmsNorm,
 ) -> Result<()> {
-    let (rows, _) = check_x_w(x, weight)?;
-    expect_dtype(OP, "dy", dy, &[x.dtype()])?;
-    expect_shape(OP, "dy", dy, x.shape())?;
-    expect_dtype(OP, "rstd", rstd, &[DType::F32])?;
-    expect_shape(OP, "rstd", rstd, &[rows])?;
-    let gpu = common_gpu(
-        OP,
-        &[("dy", dy), ("x", x), ("weight", weight), ("rstd", rstd)],
-    )?;
+    let (gpu, _, _) = check_backward(dy, x, weight, rstd)?;
     let Some(gpu) = gpu else {
         let dx = rms_norm_backward(dy, x, weight, rstd, p, false)?.dx;
         *dy = dx;
@@ -138,6 +146,87 @@ pub fn rms_norm_backward_inplace(
     };
     launch_backward(&gpu, dy.dptr(), x, weight, rstd, dy.dptr(), p, false)?;
     Ok(())
+}
+
+/// [`rms_norm_forward`] as the plain composition of one-op kernels that HF's
+/// `LlamaRMSNorm` / `GemmaRMSNorm` run eagerly: upcast, square, mean, rsqrt, scale, then
+/// (Llama) downcast and weight multiply, or (Gemma) multiply by `1 + w` and downcast. Same
+/// outputs (y in x's dtype, f32 rstd). It exists to measure what the fused kernel saves and
+/// to take it out of the picture when debugging. On the CPU there is one implementation,
+/// the reference, which this runs.
+pub fn rms_norm_forward_unfused(x: &Tensor, weight: &Tensor, p: RmsNorm) -> Result<RmsNormForward> {
+    check_x_w(x, weight)?;
+    check_eps(p)?;
+    if common_gpu(OP, &[("x", x), ("weight", weight)])?.is_none() {
+        return rms_norm_forward(x, weight, p);
+    }
+    let f = DType::F32;
+    let xf = eager::unary(x, UnaryOp::Cast, 0.0, f)?;
+    let sq = eager::unary(&xf, UnaryOp::Square, 0.0, f)?;
+    let ms = eager::row_reduce(&sq, Reduce::Mean)?;
+    drop(sq);
+    let rstd = eager::unary(&ms, UnaryOp::RsqrtAdd, p.eps, f)?;
+    let xn = eager::binary(&xf, &rstd, Broadcast::PerRow, BinaryOp::Mul, f)?;
+    drop(xf);
+    let y = match p.kind {
+        RmsNormKind::Llama => {
+            let xnr = eager::unary(&xn, UnaryOp::Cast, 0.0, x.dtype())?;
+            drop(xn);
+            eager::binary(&xnr, weight, Broadcast::Row, BinaryOp::Mul, x.dtype())?
+        }
+        RmsNormKind::Gemma => {
+            let w1 = eager::unary(weight, UnaryOp::AddScalar, 1.0, f)?;
+            eager::binary(&xn, &w1, Broadcast::Row, BinaryOp::Mul, x.dtype())?
+        }
+    };
+    Ok(RmsNormForward { y, rstd })
+}
+
+/// [`rms_norm_backward`] as the plain composition autograd runs through the eager forward:
+/// `xn = x * rstd` recomputed (upcast, multiply), `g = dy * w` (or `1 + w`), then
+/// `dx = rstd * (g - xn * mean(g * xn))` one op at a time, and `dw` as the column sum of
+/// `dy * xn` (xn rounded as the forward rounds it). Same outputs; the CPU runs the reference.
+pub fn rms_norm_backward_unfused(
+    dy: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    p: RmsNorm,
+    weight_grad: bool,
+) -> Result<RmsNormBackward> {
+    if check_backward(dy, x, weight, rstd)?.0.is_none() {
+        return rms_norm_backward(dy, x, weight, rstd, p, weight_grad);
+    }
+    let f = DType::F32;
+    let xf = eager::unary(x, UnaryOp::Cast, 0.0, f)?;
+    let xn = eager::binary(&xf, rstd, Broadcast::PerRow, BinaryOp::Mul, f)?;
+    drop(xf);
+    let g = match p.kind {
+        RmsNormKind::Llama => eager::binary(dy, weight, Broadcast::Row, BinaryOp::Mul, f)?,
+        RmsNormKind::Gemma => {
+            let w1 = eager::unary(weight, UnaryOp::AddScalar, 1.0, f)?;
+            eager::binary(dy, &w1, Broadcast::Row, BinaryOp::Mul, f)?
+        }
+    };
+    let gx = eager::binary(&g, &xn, Broadcast::None, BinaryOp::Mul, f)?;
+    let dot = eager::row_reduce(&gx, Reduce::Mean)?;
+    drop(gx);
+    let t = eager::binary(&xn, &dot, Broadcast::PerRow, BinaryOp::Mul, f)?;
+    let d = eager::binary(&g, &t, Broadcast::None, BinaryOp::Sub, f)?;
+    drop((g, t));
+    let dx = eager::binary(&d, rstd, Broadcast::PerRow, BinaryOp::Mul, x.dtype())?;
+    drop(d);
+    let dw = if weight_grad {
+        let xn = match p.kind {
+            RmsNormKind::Llama => eager::unary(&xn, UnaryOp::Cast, 0.0, x.dtype())?,
+            RmsNormKind::Gemma => xn,
+        };
+        let prod = eager::binary(dy, &xn, Broadcast::None, BinaryOp::Mul, f)?;
+        Some(eager::col_sum(&prod)?)
+    } else {
+        None
+    };
+    Ok(RmsNormBackward { dx, dw })
 }
 
 /// Launch the backward kernel reading `dy` and writing `dx` (which may be `dy`, without
@@ -383,6 +472,18 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             gb.dw.as_ref().unwrap(),
             b.dw.as_ref().unwrap(),
         )?);
+        let uf = rms_norm_forward_unfused(&gx, &gw, p)?;
+        lines.push(compare(OP, &case, "y(unfused)", &uf.y, &f.y)?);
+        lines.push(compare(OP, &case, "rstd(unfused)", &uf.rstd, &f.rstd)?);
+        let ub = rms_norm_backward_unfused(&gdy, &gx, &gw, &rstd, p, true)?;
+        lines.push(compare(OP, &case, "dx(unfused)", &ub.dx, &b.dx)?);
+        lines.push(compare(
+            OP,
+            &case,
+            "dw(unfused)",
+            ub.dw.as_ref().unwrap(),
+            b.dw.as_ref().unwrap(),
+        )?);
     }
     Ok(lines)
 }
@@ -419,23 +520,11 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rms_norm_forward(&x, &w, p)?;
         Ok(())
     })?;
-    // Eager composition, as HF's LlamaRMSNorm runs under autograd: upcast, square, mean,
-    // rsqrt, scale, downcast, weight multiply; the backward through the same graph.
+    // Eager composition, as HF's LlamaRMSNorm runs under autograd (the backward recomputes
+    // x * rstd from the saved rstd, as the engine's unfused mode does).
     let unfused = measure(gpu, cfg, OP, "unfused", &shape, floor, 0.0, || {
-        let xf = eager::unary(&x, UnaryOp::Cast, 0.0, DType::F32)?;
-        let sq = eager::unary(&xf, UnaryOp::Square, 0.0, DType::F32)?;
-        let ms = eager::row_reduce(&sq, Reduce::Mean)?;
-        let r = eager::unary(&ms, UnaryOp::RsqrtAdd, p.eps, DType::F32)?;
-        let xn = eager::binary(&xf, &r, Broadcast::PerRow, BinaryOp::Mul, DType::F32)?;
-        let xnb = eager::unary(&xn, UnaryOp::Cast, 0.0, DType::BF16)?;
-        let _y = eager::binary(&xnb, &w, Broadcast::Row, BinaryOp::Mul, DType::BF16)?;
-        // backward: g = dy * w; dxn = g (f32); dot = mean(dxn * xn); dx = r * (dxn - xn * dot)
-        let g = eager::binary(&dy, &w, Broadcast::Row, BinaryOp::Mul, DType::F32)?;
-        let gx = eager::binary(&g, &xn, Broadcast::None, BinaryOp::Mul, DType::F32)?;
-        let dot = eager::row_reduce(&gx, Reduce::Mean)?;
-        let t = eager::binary(&xn, &dot, Broadcast::PerRow, BinaryOp::Mul, DType::F32)?;
-        let d = eager::binary(&g, &t, Broadcast::None, BinaryOp::Sub, DType::F32)?;
-        let _dx = eager::binary(&d, &r, Broadcast::PerRow, BinaryOp::Mul, DType::BF16)?;
+        let f = rms_norm_forward_unfused(&x, &w, p)?;
+        rms_norm_backward_unfused(&dy, &x, &w, &f.rstd, p, false)?;
         Ok(())
     })?;
     Ok(vec![fused, fused_fwd, unfused])

@@ -211,13 +211,21 @@ fn tokens_heads(name: &'static str, t: &Tensor, d: usize) -> Result<(usize, usiz
     }
 }
 
-fn rope_apply(
-    (q_name, q): (&'static str, &mut Tensor),
-    k: Option<(&'static str, &mut Tensor)>,
+/// Checked sizes of one call: tokens, q heads, k heads (0 without k), and the GPU the
+/// tensors are on (None: the CPU).
+struct Call {
+    tokens: usize,
+    q_heads: usize,
+    k_heads: usize,
+    gpu: Option<Arc<Gpu>>,
+}
+
+fn check_call(
+    (q_name, q): (&'static str, &Tensor),
+    k: Option<(&'static str, &Tensor)>,
     positions: &Tensor,
     cfg: &RopeConfig,
-    inverse: bool,
-) -> Result<()> {
+) -> Result<Call> {
     cfg.validate()?;
     let d = cfg.head_dim;
     expect_dtype(OP, q_name, q, &[DType::F32, DType::BF16])?;
@@ -259,12 +267,39 @@ fn rope_apply(
         ));
     }
     let gpu = {
-        let mut on: Vec<(&'static str, &Tensor)> = vec![(q_name, &*q), ("positions", positions)];
-        if let Some((k_name, k)) = &k {
-            on.push((*k_name, &**k));
+        let mut on: Vec<(&'static str, &Tensor)> = vec![(q_name, q), ("positions", positions)];
+        if let Some((k_name, k)) = k {
+            on.push((k_name, k));
         }
         common_gpu(OP, &on)?
     };
+    Ok(Call {
+        tokens,
+        q_heads,
+        k_heads,
+        gpu,
+    })
+}
+
+fn rope_apply(
+    (q_name, q): (&'static str, &mut Tensor),
+    k: Option<(&'static str, &mut Tensor)>,
+    positions: &Tensor,
+    cfg: &RopeConfig,
+    inverse: bool,
+) -> Result<()> {
+    let d = cfg.head_dim;
+    let Call {
+        tokens,
+        q_heads,
+        k_heads,
+        gpu,
+    } = check_call(
+        (q_name, &*q),
+        k.as_ref().map(|(n, t)| (*n, &**t)),
+        positions,
+        cfg,
+    )?;
     if tokens == 0 {
         return Ok(());
     }
@@ -289,6 +324,70 @@ fn rope_apply(
             launch_rope(&gpu, q, k, positions, dims, &inv_freq, inverse)
         }
     }
+}
+
+/// [`rope_forward`] as the plain composition HF's `LlamaRotaryEmbedding` and
+/// `apply_rotary_pos_emb` run eagerly: the cos/sin tables (angles = outer product of the
+/// positions and inv_freq and its cat, cos, sin, cast to the activation dtype), then per
+/// tensor `x * cos + rotate_half(x) * sin`, each product and the sum rounded to the
+/// activation dtype. q and k are replaced by the results (the in-place contract of the fused
+/// op: the caller's bindings hold the rotated tensors). On the CPU this runs the reference.
+pub fn rope_forward_unfused(
+    q: &mut Tensor,
+    k: &mut Tensor,
+    positions: &Tensor,
+    cfg: &RopeConfig,
+) -> Result<()> {
+    rope_unfused(("q", q), ("k", k), positions, cfg, false)
+}
+
+/// [`rope_backward`] as autograd runs it through the eager forward:
+/// `g * cos + rotate_half^T(g * sin)` with `rotate_half^T = -rotate_half`, one op at a time;
+/// dq and dk replaced by the results. On the CPU this runs the reference.
+pub fn rope_backward_unfused(
+    dq: &mut Tensor,
+    dk: &mut Tensor,
+    positions: &Tensor,
+    cfg: &RopeConfig,
+) -> Result<()> {
+    rope_unfused(("dq", dq), ("dk", dk), positions, cfg, true)
+}
+
+fn rope_unfused(
+    (q_name, q): (&'static str, &mut Tensor),
+    (k_name, k): (&'static str, &mut Tensor),
+    positions: &Tensor,
+    cfg: &RopeConfig,
+    inverse: bool,
+) -> Result<()> {
+    let call = check_call((q_name, &*q), Some((k_name, &*k)), positions, cfg)?;
+    let Some(gpu) = call.gpu else {
+        return rope_apply((q_name, q), Some((k_name, k)), positions, cfg, inverse);
+    };
+    if call.tokens == 0 {
+        return Ok(());
+    }
+    let d = cfg.head_dim;
+    let dt = q.dtype();
+    let inv_freq = Tensor::from_f32(&[d / 2], cfg.inv_freq())?.to_device(&Device::Cuda(gpu))?;
+    let angles = eager::rope_angles(positions, &inv_freq)?;
+    let cos = eager::trig(&angles, TrigOp::Cos, dt)?;
+    let sin = eager::trig(&angles, TrigOp::Sin, dt)?;
+    drop(angles);
+    let rotate = |x: &Tensor| -> Result<Tensor> {
+        let a = eager::binary_per_token(x, &cos, BinaryOp::Mul, dt)?;
+        let b = if inverse {
+            let xs = eager::binary_per_token(x, &sin, BinaryOp::Mul, dt)?;
+            eager::rotate_half(&xs, d, -1.0)?
+        } else {
+            let r = eager::rotate_half(x, d, 1.0)?;
+            eager::binary_per_token(&r, &sin, BinaryOp::Mul, dt)?
+        };
+        eager::binary(&a, &b, Broadcast::None, BinaryOp::Add, dt)
+    };
+    *q = rotate(q)?;
+    *k = rotate(k)?;
+    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -520,6 +619,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
                 rope_forward_one(&mut gq, &gpos, &cfg, inverse)?;
             } else {
                 let (mut k, mut gk) = random_pair(gpu, rng, &shape(c.k_heads), c.dtype, 1.0)?;
+                let k0 = k.to_cpu()?;
                 if inverse {
                     rope_backward(&mut q, &mut k, &pos, &cfg)?;
                     rope_backward(&mut gq, &mut gk, &gpos, &cfg)?;
@@ -528,6 +628,15 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
                     rope_forward(&mut gq, &mut gk, &gpos, &cfg)?;
                 }
                 lines.push(compare(OP, &name, &format!("{dir} k"), &gk, &k)?);
+                // The unfused composition from the same inputs.
+                let (mut uq, mut uk) = (q0.to_device(&dev)?, k0.to_device(&dev)?);
+                if inverse {
+                    rope_backward_unfused(&mut uq, &mut uk, &gpos, &cfg)?;
+                } else {
+                    rope_forward_unfused(&mut uq, &mut uk, &gpos, &cfg)?;
+                }
+                lines.push(compare(OP, &name, &format!("{dir} q(unfused)"), &uq, &q)?);
+                lines.push(compare(OP, &name, &format!("{dir} k(unfused)"), &uk, &k)?);
             }
             lines.push(compare(OP, &name, &format!("{dir} q"), &gq, &q)?);
             // In f32 the backward undoes the forward on the GPU (the cos/sin round trip
@@ -576,7 +685,6 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     );
     let pos =
         Tensor::from_i32(&[tokens], packed_positions(&mut rng, tokens, 2048))?.to_device(&dev)?;
-    let inv_freq = Tensor::from_f32(&[d / 2], rope.inv_freq())?.to_device(&dev)?;
     let shape = format!("q {tokens}x{q_heads}x{d} k {tokens}x{k_heads}x{d} bf16 llama3");
     // Each direction reads and writes q and k once; positions are read once per direction.
     let qk_bytes = (q.size_in_bytes() + k.size_in_bytes()) as f64;
@@ -592,33 +700,11 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     })?;
     // Eager, as HF runs it: cos/sin tables (outer product + cat, cos, sin, cast), then per
     // tensor q*cos, rotate_half(q), *sin, add; the autograd backward g*cos + rotate_half^T(g*sin)
-    // with rotate_half^T = -rotate_half. Temporaries are dropped as soon as torch would free them.
+    // with rotate_half^T = -rotate_half. The tables are built in each direction (the
+    // backward does not keep the forward's).
     let unfused = measure(gpu, cfg, OP, "unfused", &shape, floor, 0.0, || {
-        let angles = eager::rope_angles(&pos, &inv_freq)?;
-        let cos = eager::trig(&angles, TrigOp::Cos, DType::BF16)?;
-        let sin = eager::trig(&angles, TrigOp::Sin, DType::BF16)?;
-        drop(angles);
-        let forward = |x: &Tensor| -> Result<Tensor> {
-            let a = eager::binary_per_token(x, &cos, BinaryOp::Mul, DType::BF16)?;
-            let b = {
-                let r = eager::rotate_half(x, d, 1.0)?;
-                eager::binary_per_token(&r, &sin, BinaryOp::Mul, DType::BF16)?
-            };
-            eager::binary(&a, &b, Broadcast::None, BinaryOp::Add, DType::BF16)
-        };
-        let backward = |g: &Tensor| -> Result<Tensor> {
-            let a = eager::binary_per_token(g, &cos, BinaryOp::Mul, DType::BF16)?;
-            let b = {
-                let gs = eager::binary_per_token(g, &sin, BinaryOp::Mul, DType::BF16)?;
-                eager::rotate_half(&gs, d, -1.0)?
-            };
-            eager::binary(&a, &b, Broadcast::None, BinaryOp::Add, DType::BF16)
-        };
-        let _q_out = forward(&q)?;
-        let _k_out = forward(&k)?;
-        let _dq = backward(&dq)?;
-        let _dk = backward(&dk)?;
-        Ok(())
+        rope_forward_unfused(&mut q, &mut k, &pos, &rope)?;
+        rope_backward_unfused(&mut dq, &mut dk, &pos, &rope)
     })?;
     Ok(vec![fused, fused_fwd, unfused])
 }
