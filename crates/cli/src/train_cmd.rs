@@ -105,7 +105,7 @@ pub struct TrainArgs {
     /// LoRA alpha (scaling alpha / r).
     #[arg(long)]
     lora_alpha: Option<f64>,
-    /// LoRA dropout: must be 0 (the engine has none yet).
+    /// LoRA dropout on each adapter's input in training (PEFT's lora_dropout), in [0, 1).
     #[arg(long)]
     lora_dropout: Option<f64>,
     /// Comma-separated projection names, or all-linear.

@@ -4,6 +4,7 @@
 
 use tigon_kernels::ops::adamw::{AdamW, AdamWTensors};
 use tigon_kernels::ops::cross_entropy::CrossEntropy;
+use tigon_kernels::ops::dropout::mask_key;
 use tigon_kernels::ops::embedding::embedding_forward;
 use tigon_kernels::ops::fused_linear_cross_entropy::FusedLinearCrossEntropy;
 use tigon_kernels::ops::matmul::matmul;
@@ -14,6 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::fusion::Fusion;
 use crate::layer::{BatchCtx, Layer};
 use crate::lora::LoraState;
+use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 use tigon_model::ModelWeights;
 
@@ -127,6 +129,11 @@ pub struct Decoder {
     /// Which ops run as fused kernels and which as plain compositions (training, evaluation
     /// and the optimizer alike); [`Fusion::all`] by default.
     pub fusion: Fusion,
+    /// The seed of the LoRA dropout masks (training with `lora.dropout > 0` only); see
+    /// [`Decoder::begin_dropout_step`].
+    pub dropout_seed: u64,
+    /// Micro-batches run since the seed was set: every one draws its own masks.
+    micro_batch: u64,
 }
 
 /// The result of one micro-batch: the loss stays on the device until asked for.
@@ -156,6 +163,8 @@ impl Decoder {
             device,
             checkpointing: false,
             fusion: Fusion::all(),
+            dropout_seed: 0,
+            micro_batch: 0,
         })
     }
 
@@ -164,7 +173,17 @@ impl Decoder {
             spec: &self.spec,
             w: &self.weights.layers[i],
             fusion: self.fusion,
+            dropout: None,
         }
+    }
+
+    /// Seed the LoRA dropout masks of optimizer step `step` of a run seeded `run_seed`, and
+    /// restart the micro-batch count: a step's masks depend only on (run_seed, step, its
+    /// micro-batch index, layer, projection), so a resumed run draws the masks the
+    /// uninterrupted one would have.
+    pub fn begin_dropout_step(&mut self, run_seed: u64, step: u64) {
+        self.dropout_seed = mask_key(run_seed, step);
+        self.micro_batch = 0;
     }
 
     fn norm(&self) -> RmsNorm {
@@ -238,13 +257,22 @@ impl Decoder {
     /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
     /// are accumulated onto what is there.
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
-        if self.lora.dropout != 0.0 {
+        let p = self.lora.dropout;
+        if !(0.0..1.0).contains(&p) {
             return Err(EngineError::Lora(format!(
-                "lora_dropout {} is not supported in training yet (set it to 0; evaluation \
-                 and merging ignore it)",
-                self.lora.dropout
+                "lora_dropout {p} must be in [0, 1)"
             )));
         }
+        let micro_batch = self.micro_batch;
+        self.micro_batch += 1;
+        let (seed, spec, weights, fusion) =
+            (self.dropout_seed, &self.spec, &self.weights, self.fusion);
+        let layer = |i: usize| Layer {
+            spec,
+            w: &weights.layers[i],
+            fusion,
+            dropout: LayerDropout::new(p, seed, micro_batch, i),
+        };
         let ctx = self.ctx(batch)?;
         // Inputs of every layer (the checkpoints), and everything else unless recomputing.
         // With checkpointing the embedding output is not kept either: a gather from the
@@ -253,9 +281,7 @@ impl Decoder {
         let mut saved = Vec::with_capacity(self.spec.layers);
         for i in 0..self.spec.layers {
             let x = inputs[i].as_ref().expect("layer input");
-            let (out, s) =
-                self.layer(i)
-                    .forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
+            let (out, s) = layer(i).forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
             saved.push(s);
             inputs.push(Some(out));
             if i == 0 && self.checkpointing {
@@ -292,11 +318,7 @@ impl Decoder {
         )?;
         drop(last);
         for i in (0..self.spec.layers).rev() {
-            let layer = Layer {
-                spec: &self.spec,
-                w: &self.weights.layers[i],
-                fusion: self.fusion,
-            };
+            let layer = layer(i);
             let x = match inputs.pop().flatten() {
                 Some(x) => x,
                 None => self.embed(batch)?,

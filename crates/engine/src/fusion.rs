@@ -320,11 +320,17 @@ impl Fusion {
         }
     }
 
-    pub(crate) fn lora_forward(&self, layer: &LoraLinear, x: &Tensor) -> KResult<LoraForward> {
+    /// `x_lora`: the adapter's input when it is not x (LoRA dropout).
+    pub(crate) fn lora_forward(
+        &self,
+        layer: &LoraLinear,
+        x: &Tensor,
+        x_lora: Option<&Tensor>,
+    ) -> KResult<LoraForward> {
         if self.lora_linear {
-            lora_linear_forward(layer, x, None)
+            lora_linear_forward(layer, x, x_lora)
         } else {
-            lora_linear_forward_unfused(layer, x, None)
+            lora_linear_forward_unfused(layer, x, x_lora)
         }
     }
 

@@ -21,6 +21,10 @@
 //! output is not needed). The backward frees each saved tensor as soon as it is read for
 //! the last time; the down projection takes its dA and dB before its dx is allocated, so
 //! `m` and its gradient are never live together.
+//!
+//! With LoRA dropout (training only, [`LayerDropout`]) each adapter reads its own
+//! `dropout(x)`, made just before its GEMM and dropped right after; the backward makes it
+//! again from the same mask. Without dropout the code path is the plain one.
 
 use tigon_kernels::ops::attention::Attention;
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
@@ -35,6 +39,7 @@ use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
 use crate::lora::{LayerLora, LoraTensors};
+use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 
 /// Per-batch inputs every layer shares, already on the device.
@@ -74,6 +79,8 @@ pub struct Layer<'a> {
     pub w: &'a LayerWeights,
     /// Which ops run fused: every op of the layer goes through it.
     pub fusion: Fusion,
+    /// LoRA dropout of this training micro-batch; None in evaluation and when p = 0.
+    pub dropout: Option<LayerDropout>,
 }
 
 fn norm(spec: &DecoderSpec) -> RmsNorm {
@@ -113,7 +120,13 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
-                let out = self.fusion.lora_forward(&layer, x)?;
+                let out = match &self.dropout {
+                    Some(d) => {
+                        let x_d = d.adapter_input(p, x)?;
+                        self.fusion.lora_forward(&layer, x, Some(&x_d))?
+                    }
+                    None => self.fusion.lora_forward(&layer, x, None)?,
+                };
                 Ok((out.y, Some(out.xa)))
             }
             None => {
@@ -145,6 +158,13 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
+                if let Some(d) = &self.dropout {
+                    let x_d = d.adapter_input(p, x)?;
+                    self.fusion
+                        .lora_backward(&layer, dy, &x_d, xa, &mut l.da, &mut l.db, false)?;
+                    drop(x_d);
+                    return d.backward_dx(p, &layer, dy);
+                }
                 let dx = self
                     .fusion
                     .lora_backward(&layer, dy, x, xa, &mut l.da, &mut l.db, true)?;
@@ -186,6 +206,14 @@ impl Layer<'_> {
                     b: &l.b,
                     scaling: l.scaling,
                 };
+                if let Some(d) = &self.dropout {
+                    let act_d = d.adapter_input(Proj::Down, &act)?;
+                    drop(act);
+                    self.fusion
+                        .lora_backward(&layer, dy, &act_d, xa, &mut l.da, &mut l.db, false)?;
+                    drop(act_d);
+                    return d.backward_dx(Proj::Down, &layer, dy);
+                }
                 self.fusion
                     .lora_backward(&layer, dy, &act, xa, &mut l.da, &mut l.db, false)?;
                 drop(act);
@@ -306,7 +334,13 @@ impl Layer<'_> {
             (Some(out), xa_d)
         } else {
             let xa_d = match &lora[Proj::Down as usize] {
-                Some(l) => Some(lora_linear_xa(&self.lora_layer(Proj::Down, l), &act)?),
+                Some(l) => {
+                    let layer = self.lora_layer(Proj::Down, l);
+                    Some(match &self.dropout {
+                        Some(d) => lora_linear_xa(&layer, &d.adapter_input(Proj::Down, &act)?)?,
+                        None => lora_linear_xa(&layer, &act)?,
+                    })
+                }
                 None => None,
             };
             (None, xa_d)

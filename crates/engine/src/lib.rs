@@ -8,6 +8,7 @@ pub mod error;
 pub mod fusion;
 pub mod layer;
 pub mod lora;
+pub mod lora_dropout;
 pub mod parity;
 pub mod schedule;
 pub mod spec;

@@ -62,9 +62,8 @@ impl LoraTensors {
 /// LoRA on some projections of some layers, indexed `layers[i][projection as usize]`.
 pub struct LoraState {
     pub layers: Vec<LayerLora>,
-    /// The adapter's `lora_dropout`. Evaluation ignores it (PEFT's eval mode); the training
-    /// step does not implement it yet and refuses a non-zero value rather than train
-    /// something other than what the config says.
+    /// The adapter's `lora_dropout`, applied to each adapter's input in training (PEFT's
+    /// semantics, see [`crate::lora_dropout`]); evaluation ignores it (PEFT's eval mode).
     pub dropout: f64,
 }
 

@@ -99,10 +99,10 @@ pub fn check_fixture(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> PathBuf {
+    pub(crate) fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../parity/fixtures")
             .join(name)
@@ -146,7 +146,7 @@ mod tests {
     }
 
     /// The fixture's model with its adapter on the CPU in f32, and its batch.
-    fn fixture_decoder(dir: &Path) -> (Decoder, Batch) {
+    pub(crate) fn fixture_decoder(dir: &Path) -> (Decoder, Batch) {
         let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
         let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
         let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
@@ -155,7 +155,7 @@ mod tests {
     }
 
     /// One forward and backward: the loss, then every LoRA gradient.
-    fn loss_and_grads(decoder: &mut Decoder, batch: &Batch) -> Vec<Vec<f32>> {
+    pub(crate) fn loss_and_grads(decoder: &mut Decoder, batch: &Batch) -> Vec<Vec<f32>> {
         let loss = decoder.forward_backward(batch, None).unwrap();
         let mut out = vec![loss.loss.to_f32_vec().unwrap()];
         for (_, _, t) in decoder.lora.iter() {
@@ -178,26 +178,6 @@ mod tests {
             };
             assert_eq!(run(false), run(true), "{name}");
         }
-    }
-
-    /// An adapter with dropout evaluates (PEFT's eval mode ignores dropout) but the
-    /// training step refuses it instead of silently training without it.
-    #[test]
-    fn lora_dropout_is_refused_in_training_only() {
-        let dir = fixture("tiny_llama");
-        let weights = ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::F32).unwrap();
-        let mut adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
-        adapter.config.lora_dropout = 0.05;
-        let lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
-        let batch = read_batch(&dir.join("batch.json")).unwrap();
-        let mut decoder = Decoder::new(weights, lora).unwrap();
-        assert!(decoder.eval_loss(&batch).is_ok());
-        let err = decoder
-            .forward_backward(&batch, None)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("lora_dropout 0.05"), "{err}");
     }
 
     /// Every fusion switch off, some off, or all on: on the CPU each op has one

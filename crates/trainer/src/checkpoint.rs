@@ -14,7 +14,8 @@
 //! naming a complete checkpoint (or no `latest` at all before the first one).
 //!
 //! There is no random state to save: data order comes from (seed, epoch) through the
-//! loader's position, and training has no other randomness (no dropout).
+//! loader's position, and the LoRA dropout masks from (seed, step) (see
+//! `Decoder::begin_dropout_step`).
 
 use std::path::{Path, PathBuf};
 

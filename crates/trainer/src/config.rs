@@ -94,7 +94,7 @@ pub struct TrainConfig {
     pub seed: u64,
     pub lora_r: usize,
     pub lora_alpha: f64,
-    /// Must be 0: the engine does not implement LoRA dropout yet.
+    /// PEFT's `lora_dropout` on each adapter's input in training, in [0, 1).
     pub lora_dropout: f64,
     /// Projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or
     /// ["all-linear"].
@@ -273,9 +273,9 @@ impl TrainConfig {
                 self.min_lr_ratio
             ));
         }
-        if self.lora_dropout != 0.0 {
+        if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(format!(
-                "`lora_dropout` {} is not supported: the engine has no LoRA dropout yet (use 0)",
+                "`lora_dropout` {} must be in [0, 1)",
                 self.lora_dropout
             ));
         }
@@ -419,7 +419,7 @@ device = "cpu"
         );
         check(
             TrainConfig {
-                lora_dropout: 0.1,
+                lora_dropout: 1.0,
                 ..c.clone()
             },
             "lora_dropout",

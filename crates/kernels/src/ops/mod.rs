@@ -5,6 +5,7 @@ pub mod activation_mul;
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod eager;
 pub mod elementwise;
 pub mod embedding;
@@ -36,6 +37,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     lora_linear::SOURCE,
     adamw::SOURCE,
     attention::SOURCE,
+    dropout::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -54,6 +56,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         lora_linear::MERGE_CHECK,
         adamw::CHECK,
         attention::CHECK,
+        dropout::CHECK,
     ]
 }
 
