@@ -257,6 +257,14 @@ impl Decoder {
     /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
     /// are accumulated onto what is there.
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
+        self.lora
+            .set_compute_copies(self.weights.embed_tokens.dtype())?;
+        let out = self.run_forward_backward(batch, num_items);
+        self.lora.clear_compute_copies();
+        out
+    }
+
+    fn run_forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
         let p = self.lora.dropout;
         if !(0.0..1.0).contains(&p) {
             return Err(EngineError::Lora(format!(

@@ -116,8 +116,8 @@ impl Layer<'_> {
                 let layer = LoraLinear {
                     w,
                     bias,
-                    a: &l.a,
-                    b: &l.b,
+                    a: l.a_compute.as_ref().unwrap_or(&l.a),
+                    b: l.b_compute.as_ref().unwrap_or(&l.b),
                     scaling: l.scaling,
                 };
                 let out = match &self.dropout {
@@ -154,8 +154,8 @@ impl Layer<'_> {
                 let layer = LoraLinear {
                     w,
                     bias: None,
-                    a: &l.a,
-                    b: &l.b,
+                    a: l.a_compute.as_ref().unwrap_or(&l.a),
+                    b: l.b_compute.as_ref().unwrap_or(&l.b),
                     scaling: l.scaling,
                 };
                 if let Some(d) = &self.dropout {
@@ -180,8 +180,8 @@ impl Layer<'_> {
         LoraLinear {
             w: self.w.projection(p),
             bias: None,
-            a: &l.a,
-            b: &l.b,
+            a: l.a_compute.as_ref().unwrap_or(&l.a),
+            b: l.b_compute.as_ref().unwrap_or(&l.b),
             scaling: l.scaling,
         }
     }
@@ -202,8 +202,8 @@ impl Layer<'_> {
                 let layer = LoraLinear {
                     w,
                     bias: None,
-                    a: &l.a,
-                    b: &l.b,
+                    a: l.a_compute.as_ref().unwrap_or(&l.a),
+                    b: l.b_compute.as_ref().unwrap_or(&l.b),
                     scaling: l.scaling,
                 };
                 if let Some(d) = &self.dropout {

@@ -3,6 +3,7 @@
 //! a [`tigon_model::Adapter`] (new or loaded from PEFT files) and written back into one to
 //! be saved.
 
+use tigon_kernels::ops::elementwise::cast;
 use tigon_kernels::{DType, Device, Tensor};
 use tigon_model::{Adapter, ModelConfig, Projection};
 
@@ -21,6 +22,12 @@ pub struct LoraTensors {
     pub va: Tensor,
     pub mb: Tensor,
     pub vb: Tensor,
+    /// `a` and `b` in the compute dtype (bf16 on the GPU) for the span of one micro-batch,
+    /// made once by [`LoraState::set_compute_copies`]: the GEMMs would otherwise cast the
+    /// fp32 masters at every use (four casts per adapter per step). `None` outside a
+    /// training step, so they are never stale.
+    pub a_compute: Option<Tensor>,
+    pub b_compute: Option<Tensor>,
 }
 
 impl LoraTensors {
@@ -47,6 +54,8 @@ impl LoraTensors {
             a: f32_on(a)?,
             b: f32_on(b)?,
             scaling,
+            a_compute: None,
+            b_compute: None,
         })
     }
 
@@ -151,5 +160,26 @@ impl LoraState {
 
     pub fn param_count(&self) -> usize {
         self.iter().map(|(_, _, t)| t.param_count()).sum()
+    }
+
+    /// Round every A and B once to `dtype` for the GEMMs of one micro-batch (nothing to do
+    /// for f32). The values are exactly what casting at each use gives.
+    pub fn set_compute_copies(&mut self, dtype: DType) -> Result<()> {
+        if dtype == DType::F32 {
+            return Ok(());
+        }
+        for (_, _, t) in self.iter_mut() {
+            t.a_compute = Some(cast(&t.a, dtype)?);
+            t.b_compute = Some(cast(&t.b, dtype)?);
+        }
+        Ok(())
+    }
+
+    /// Drop the copies [`LoraState::set_compute_copies`] made.
+    pub fn clear_compute_copies(&mut self) {
+        for (_, _, t) in self.iter_mut() {
+            t.a_compute = None;
+            t.b_compute = None;
+        }
     }
 }
