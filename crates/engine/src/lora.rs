@@ -3,7 +3,7 @@
 //! a [`tigon_model::Adapter`] (new or loaded from PEFT files) and written back into one to
 //! be saved.
 
-use tigon_kernels::ops::elementwise::cast;
+use tigon_kernels::ops::adamw::cast_multi_to_bf16;
 use tigon_kernels::{DType, Device, Tensor};
 use tigon_model::{Adapter, ModelConfig, Projection};
 
@@ -164,13 +164,27 @@ impl LoraState {
 
     /// Round every A and B once to `dtype` for the GEMMs of one micro-batch (nothing to do
     /// for f32). The values are exactly what casting at each use gives.
+    /// On the GPU all of them are rounded in one multi-tensor launch.
     pub fn set_compute_copies(&mut self, dtype: DType) -> Result<()> {
-        if dtype == DType::F32 {
+        if dtype != DType::BF16 {
             return Ok(());
         }
+        let mut copies = Vec::new();
+        let mut masters = Vec::new();
+        for (_, _, t) in self.iter() {
+            for m in [&t.a, &t.b] {
+                copies.push(match m.device() {
+                    Device::Cuda(g) => Tensor::uninit_cuda(&g, m.shape(), dtype)?,
+                    Device::Cpu => Tensor::zeros(m.shape(), dtype, &Device::Cpu)?,
+                });
+                masters.push(m);
+            }
+        }
+        cast_multi_to_bf16(&masters, &mut copies)?;
+        let mut copies = copies.into_iter();
         for (_, _, t) in self.iter_mut() {
-            t.a_compute = Some(cast(&t.a, dtype)?);
-            t.b_compute = Some(cast(&t.b, dtype)?);
+            t.a_compute = copies.next();
+            t.b_compute = copies.next();
         }
         Ok(())
     }

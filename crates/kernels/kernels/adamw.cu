@@ -133,3 +133,16 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step_multi(
         }
     }
 }
+
+// Round many fp32 tensors to bf16 copies in one launch (the LoRA masters, once per micro-batch,
+// for the GEMMs). The chunk table has AdamChunk's layout with p = the fp32 source and g = the
+// bf16 destination (already offset to the chunk); m and v are unused.
+extern "C" __global__ void __launch_bounds__(256) cast_multi_f32_bf16(const AdamChunk* chunks,
+                                                                     int nchunks) {
+    for (int c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const AdamChunk ch = chunks[c];
+        const float* src = ch.p;
+        bf16* dst = reinterpret_cast<bf16*>(ch.g);
+        for (long long i = threadIdx.x; i < ch.n; i += blockDim.x) dst[i] = from_float<bf16>(src[i]);
+    }
+}

@@ -21,11 +21,12 @@
 use std::sync::{Arc, Mutex};
 
 use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
-use crate::check::{compare, compare_scalar, CheckLine, GpuCheck};
+use crate::check::{compare, compare_scalar, compare_with_tol, random_pair, CheckLine, GpuCheck};
 use crate::cpu::{par_map, threads};
 use crate::cuda::{DeviceBuffer, Gpu, KernelSource};
 use crate::error::{KernelError, Result};
 use crate::ops::eager::{self, BinaryOp, Broadcast, Reduce, UnaryOp};
+use crate::ops::elementwise::cast;
 use crate::rng::Rng;
 use crate::tensor::{CpuData, Storage};
 use crate::{launch, DType, Device, Tensor};
@@ -79,16 +80,80 @@ pub const CHUNK: usize = 16384;
 /// kernels' `AdamChunk`.
 const WORDS: usize = 5;
 
-/// Append the chunk descriptors of one tensor (addresses 0 stay 0: unused slots).
+/// Append the chunk descriptors of one tensor of f32 slots (addresses 0 stay 0: unused slots).
 fn push_chunks(table: &mut Vec<u64>, ptrs: [u64; 4], len: usize) {
+    push_chunks_sized(table, ptrs, [4; 4], len)
+}
+
+/// [`push_chunks`] with each slot's element size in bytes.
+fn push_chunks_sized(table: &mut Vec<u64>, ptrs: [u64; 4], elem_bytes: [u64; 4], len: usize) {
     let mut start = 0;
     while start < len {
         let n = CHUNK.min(len - start);
-        let offset = (start * 4) as u64;
-        table.extend(ptrs.iter().map(|&p| if p == 0 { 0 } else { p + offset }));
+        table.extend(ptrs.iter().zip(elem_bytes).map(|(&p, b)| {
+            if p == 0 {
+                0
+            } else {
+                p + start as u64 * b
+            }
+        }));
         table.push(n as u64);
         start += n;
     }
+}
+
+const CAST_OP: &str = "cast_multi";
+
+/// `dst[i] = src[i]` rounded to bf16 for every pair, in one launch on the GPU (one chunk
+/// table, cached while the addresses stay the same): what [`crate::ops::elementwise::cast`]
+/// gives tensor by tensor, without a launch per tensor. `src` are f32, `dst` bf16 of the
+/// same shapes, all on one device.
+pub fn cast_multi_to_bf16(src: &[&Tensor], dst: &mut [Tensor]) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(KernelError::invalid(
+            CAST_OP,
+            format!("{} sources and {} destinations", src.len(), dst.len()),
+        ));
+    }
+    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * src.len());
+    for (s, d) in src.iter().zip(dst.iter()) {
+        expect_dtype(CAST_OP, "src", s, &[DType::F32])?;
+        expect_dtype(CAST_OP, "dst", d, &[DType::BF16])?;
+        if s.shape() != d.shape() {
+            return Err(KernelError::shape(
+                CAST_OP,
+                format!("src {:?} and dst {:?}", s.shape(), d.shape()),
+            ));
+        }
+        named.push(("src", s));
+        named.push(("dst", d));
+    }
+    let Some(gpu) = common_gpu(CAST_OP, &named)? else {
+        for (s, d) in src.iter().zip(dst.iter_mut()) {
+            *d = cast(s, DType::BF16)?;
+        }
+        return Ok(());
+    };
+    let mut table = Vec::new();
+    for (s, d) in src.iter().zip(dst.iter()) {
+        push_chunks_sized(
+            &mut table,
+            [s.dptr(), d.dptr(), 0, 0],
+            [4, 2, 0, 0],
+            s.elem_count(),
+        );
+    }
+    let chunks = chunk_count(CAST_OP, &table)?;
+    if chunks == 0 {
+        return Ok(());
+    }
+    let blocks = (chunks as usize).min(gpu.sm_count() * 8) as u32;
+    let f = gpu.function(&SOURCE, "cast_multi_f32_bf16")?;
+    with_table(
+        &gpu,
+        &table,
+        |t| launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; t, chunks),
+    )
 }
 
 /// Chunk tables already on a device, keyed by their exact contents. The same addresses and
@@ -586,6 +651,39 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     .chain((0..28).map(|_| [1 + rng.below(7), 1 + rng.below(40000)]))
     .collect();
     let llama = llama3_8b_lora_shapes(16);
+    // The multi-tensor cast against the CPU cast, tensor by tensor: bit-exact.
+    for (shapes, what) in [(&odd, "41 odd tensors"), (&llama, "Llama-3-8B LoRA r=16")] {
+        let mut cpu_src = Vec::new();
+        let mut gpu_src = Vec::new();
+        let mut dst = Vec::new();
+        for s in shapes.iter() {
+            let (c, g) = random_pair(gpu, rng, s, DType::F32, 0.05)?;
+            dst.push(Tensor::uninit_cuda(gpu, s, DType::BF16)?);
+            cpu_src.push(c);
+            gpu_src.push(g);
+        }
+        let srcs: Vec<&Tensor> = gpu_src.iter().collect();
+        cast_multi_to_bf16(&srcs, &mut dst)?;
+        let mut out = Vec::new();
+        let mut reference = Vec::new();
+        for (c, d) in cpu_src.iter().zip(&dst) {
+            reference.extend(cast(c, DType::BF16)?.to_f32_vec()?);
+            out.extend(d.to_f32_vec()?);
+        }
+        let (n, m) = (out.len(), reference.len());
+        let (out, reference) = (
+            Tensor::from_f32(&[n], out)?,
+            Tensor::from_f32(&[m], reference)?,
+        );
+        lines.push(compare_with_tol(
+            CAST_OP,
+            what,
+            "bf16 copies",
+            &out,
+            &reference,
+            f64::MIN_POSITIVE,
+        )?);
+    }
     // (shapes, steps, clipping max norm, zero grads, fresh moments, what)
     type Case<'s> = (&'s [[usize; 2]], u64, Option<f32>, bool, bool, &'static str);
     let cases: [Case; 4] = [
@@ -979,5 +1077,40 @@ mod tests {
         let second = &table[WORDS..2 * WORDS];
         let off = (CHUNK * 4) as u64;
         assert_eq!(second[..4], [1000 + off, 2000 + off, 0, 4000 + off]);
+    }
+
+    /// On the CPU the multi-tensor cast is the per-tensor cast; bad pairs are named errors.
+    #[test]
+    fn cast_multi_matches_cast_and_checks_pairs() {
+        let mut rng = Rng::new(5);
+        let src: Vec<Tensor> = [[3, 7], [1, 16385], [16, 40]]
+            .iter()
+            .map(|s| Tensor::from_f32(s, rng.normal_vec(s[0] * s[1], 0.3)).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = src.iter().collect();
+        let mut dst: Vec<Tensor> = src
+            .iter()
+            .map(|s| Tensor::zeros(s.shape(), DType::BF16, &Device::Cpu).unwrap())
+            .collect();
+        cast_multi_to_bf16(&refs, &mut dst).unwrap();
+        for (s, d) in src.iter().zip(&dst) {
+            assert_eq!(d.dtype(), DType::BF16);
+            assert_eq!(
+                d.to_f32_vec().unwrap(),
+                cast(s, DType::BF16).unwrap().to_f32_vec().unwrap()
+            );
+        }
+        let err = cast_multi_to_bf16(&refs[..2], &mut dst)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cast_multi") && err.contains("2 sources and 3"),
+            "{err}"
+        );
+        let mut wrong = vec![Tensor::zeros(&[3, 8], DType::BF16, &Device::Cpu).unwrap()];
+        let err = cast_multi_to_bf16(&refs[..1], &mut wrong)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[3, 7]") && err.contains("[3, 8]"), "{err}");
     }
 }
