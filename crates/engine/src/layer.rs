@@ -28,8 +28,10 @@
 
 use tigon_kernels::ops::attention::Attention;
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
-use tigon_kernels::ops::lora_linear::{lora_linear_xa, LoraLinear};
-use tigon_kernels::ops::matmul::matmul;
+use tigon_kernels::ops::lora_linear::{
+    lora_linear_backward_accumulate, lora_linear_xa, LoraLinear,
+};
+use tigon_kernels::ops::matmul::{matmul, matmul_into};
 use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
 use tigon_kernels::Tensor;
 
@@ -172,6 +174,41 @@ impl Layer<'_> {
             }
             _ => Ok(matmul(dy, false, w, false, dy.dtype())?),
         }
+    }
+
+    /// [`Layer::project_backward`] added onto `acc`, the gradient of an input the projection
+    /// shares with others (q, k, v; gate, up): with the fused LoRA op and no dropout the
+    /// GEMMs accumulate into it (beta = 1), saving a tensor and an add; otherwise the
+    /// projection's gradient is formed and added.
+    fn project_backward_into(
+        &self,
+        p: Proj,
+        lora: &mut LayerLora,
+        dy: &Tensor,
+        x: &Tensor,
+        xa: Option<&Tensor>,
+        acc: &mut Tensor,
+    ) -> Result<()> {
+        if self.fusion.lora_linear && self.dropout.is_none() {
+            let w = self.w.projection(p);
+            match (&mut lora[p as usize], xa) {
+                (Some(l), Some(xa)) => {
+                    let layer = LoraLinear {
+                        w,
+                        bias: None,
+                        a: l.a_compute.as_ref().unwrap_or(&l.a),
+                        b: l.b_compute.as_ref().unwrap_or(&l.b),
+                        scaling: l.scaling,
+                    };
+                    lora_linear_backward_accumulate(&layer, dy, x, xa, &mut l.da, &mut l.db, acc)?;
+                }
+                _ => matmul_into(dy, false, w, false, acc, 1.0, 1.0)?,
+            }
+            return Ok(());
+        }
+        let d = self.project_backward(p, lora, dy, x, xa)?;
+        add_inplace(acc, &d, 1.0)?;
+        Ok(())
     }
 
     /// The frozen weight of projection `p` with the adapter `l` on it (bias left out: only
@@ -393,9 +430,8 @@ impl Layer<'_> {
         self.fusion.swiglu_backward(&dact, &mut gate, &mut up)?;
         drop(dact);
         let mut dh2 = self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
-        let dh2_up = self.project_backward(Proj::Up, lora, &up, &h2, xa[5].as_ref())?;
-        add_inplace(&mut dh2, &dh2_up, 1.0)?;
-        drop((gate, up, dh2_up, h2));
+        self.project_backward_into(Proj::Up, lora, &up, &h2, xa[5].as_ref(), &mut dh2)?;
+        drop((gate, up, h2));
         self.fusion.rms_norm_backward_inplace(
             &mut dh2,
             &x2,
@@ -428,10 +464,8 @@ impl Layer<'_> {
             .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (h1, rstd1) = (n1.y, n1.rstd);
         let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
-        let dh1_k = self.project_backward(Proj::K, lora, &dk, &h1, xa[1].as_ref())?;
-        add_inplace(&mut dh1, &dh1_k, 1.0)?;
-        let dh1_v = self.project_backward(Proj::V, lora, &dv, &h1, xa[2].as_ref())?;
-        add_inplace(&mut dh1, &dh1_v, 1.0)?;
+        self.project_backward_into(Proj::K, lora, &dk, &h1, xa[1].as_ref(), &mut dh1)?;
+        self.project_backward_into(Proj::V, lora, &dv, &h1, xa[2].as_ref(), &mut dh1)?;
         self.fusion.rms_norm_backward_inplace(
             &mut dh1,
             x,

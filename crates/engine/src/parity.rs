@@ -182,8 +182,10 @@ pub(crate) mod tests {
 
     /// Every fusion switch off, some off, or all on: on the CPU each op has one
     /// implementation, so the loss, the LoRA gradients, the AdamW update (with clipping) and
-    /// the evaluation loss are bitwise the same; the run goes through every dispatch point,
-    /// with and without checkpointing.
+    /// the evaluation loss are the same; the run goes through every dispatch point, with and
+    /// without checkpointing. Bitwise while the LoRA op stays fused; with it off, the input
+    /// gradients of q/k/v and gate/up are summed by separate adds instead of GEMM
+    /// accumulation, a different f32 summation order, so within f32 rounding.
     #[test]
     fn fusion_switches_run_every_path() {
         use crate::fusion::Fusion;
@@ -215,10 +217,22 @@ pub(crate) mod tests {
                 (Fusion::none(), true),
                 (mixed, true),
             ] {
-                assert!(
-                    run(fusion, ckpt) == reference,
-                    "{name}: fusion {fusion}, checkpointing {ckpt}"
-                );
+                let got = run(fusion, ckpt);
+                if fusion.lora_linear {
+                    assert!(
+                        got == reference,
+                        "{name}: fusion {fusion}, checkpointing {ckpt}"
+                    );
+                    continue;
+                }
+                assert_eq!(got.len(), reference.len());
+                for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                    let e = tigon_kernels::check::rel_err(g, r);
+                    assert!(
+                        e < 1e-5,
+                        "{name}: fusion {fusion}, checkpointing {ckpt}: output {i} rel err {e:e}"
+                    );
+                }
             }
         }
     }

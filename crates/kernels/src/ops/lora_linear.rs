@@ -217,8 +217,47 @@ pub fn lora_linear_backward(
     db: &mut Tensor,
     need_dx: bool,
 ) -> Result<Option<Tensor>> {
-    let (d, gpu) = check_backward(layer, dy, x, xa, da, db)?;
+    let (dxa, gpu) = backward_adapter(layer, dy, x, xa, da, db)?;
+    if !need_dx {
+        return Ok(None);
+    }
+    let mut dx = output(&gpu, x.shape(), x.dtype())?;
+    input_grad_into(layer, dy, &dxa, &mut dx, 0.0)?;
+    Ok(Some(dx))
+}
+
+/// `dB += s dy^T xa`, `dA += (s dy B)^T x`; returns `s dy B` for the input gradient.
+fn backward_adapter(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &mut Tensor,
+    db: &mut Tensor,
+) -> Result<(Tensor, Option<Arc<Gpu>>)> {
+    let d = check_layer(layer, x)?;
     let dt = x.dtype();
+    expect_dtype(OP, "dy", dy, &[dt])?;
+    expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
+    expect_dtype(OP, "xa", xa, &[dt])?;
+    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
+    expect_dtype(OP, "da", da, &[DType::F32])?;
+    expect_shape(OP, "da", da, &[d.r, d.inp])?;
+    expect_dtype(OP, "db", db, &[DType::F32])?;
+    expect_shape(OP, "db", db, &[d.out, d.r])?;
+    let gpu = common_gpu(
+        OP,
+        &[
+            ("dy", dy),
+            ("x", x),
+            ("xa", xa),
+            ("w", layer.w),
+            ("a", layer.a),
+            ("b", layer.b),
+            ("da", da),
+            ("db", db),
+        ],
+    )?;
     let s = layer.scaling;
     matmul_into(dy, true, xa, false, db, s, 1.0)?;
     let mut dxa = output(&gpu, &with_last(x, d.r), dt)?;
@@ -228,15 +267,42 @@ pub fn lora_linear_backward(
         matmul_into(dy, false, b, false, &mut dxa, s, 0.0)?;
     }
     matmul_into(&dxa, true, x, false, da, 1.0, 1.0)?;
-    if !need_dx {
-        return Ok(None);
-    }
+    Ok((dxa, gpu))
+}
+
+/// `dx = dy W + dxa A + beta dx`: two GEMMs, the second accumulating onto the first.
+fn input_grad_into(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    dxa: &Tensor,
+    dx: &mut Tensor,
+    beta: f32,
+) -> Result<()> {
     let mut a_slot = None;
-    let a = as_dtype(layer.a, dt, &mut a_slot)?;
-    let mut dx = output(&gpu, x.shape(), dt)?;
-    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
-    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
-    Ok(Some(dx))
+    let a = as_dtype(layer.a, dy.dtype(), &mut a_slot)?;
+    matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
+    matmul_into(dxa, false, a, false, dx, 1.0, 1.0)?;
+    Ok(())
+}
+
+/// [`lora_linear_backward`] adding its input gradient onto `dx_acc` (`dx_acc += dy W +
+/// (s dy B) A`) through the GEMMs' beta instead of a new tensor and an add: for inputs
+/// shared by several projections (q, k, v; gate, up). The sum is rounded once per GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_backward_accumulate(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &mut Tensor,
+    db: &mut Tensor,
+    dx_acc: &mut Tensor,
+) -> Result<()> {
+    expect_dtype(OP, "dx_acc", dx_acc, &[x.dtype()])?;
+    expect_shape(OP, "dx_acc", dx_acc, x.shape())?;
+    common_gpu(OP, &[("x", x), ("dx_acc", dx_acc)])?;
+    let (dxa, _) = backward_adapter(layer, dy, x, xa, da, db)?;
+    input_grad_into(layer, dy, &dxa, dx_acc, 1.0)
 }
 
 /// `x A^T`, the adapter's rank-r activation that the backward reads (for dB): what
@@ -635,6 +701,20 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
             &gdx_only,
             dx.as_ref().unwrap(),
         )?);
+        // The accumulating form, onto zeros, with its own dA/dB accumulators.
+        let mut acc = Tensor::zeros(gx_d.shape(), dt, &dev)?;
+        let mut ada = Tensor::zeros(&[r, inp], DType::F32, &dev)?;
+        let mut adb = Tensor::zeros(&[out, r], DType::F32, &dev)?;
+        lora_linear_backward_accumulate(
+            &glayer, &gdy, gx_d, &ref_xa, &mut ada, &mut adb, &mut acc,
+        )?;
+        lines.push(compare(
+            OP,
+            &case,
+            "dx(accumulated)",
+            &acc,
+            dx.as_ref().unwrap(),
+        )?);
     }
     let gxa_only = lora_linear_xa(&glayer, gx_d)?;
     let xa_ref = if c.x_lora {
@@ -946,6 +1026,49 @@ mod tests {
 
     /// dx, dA, dB against central differences of the f64 forward for L = sum(y * g), with
     /// dA and dB accumulated onto nonzero buffers.
+    /// The accumulating backward adds `dy W + (s dy B) A` onto what is there, with the
+    /// same dA and dB as the plain one.
+    #[test]
+    fn backward_accumulate_adds_the_input_gradient() {
+        let mut rng = Rng::new(23);
+        let (n, inp, out, r) = (6, 10, 8, 4);
+        let v = inputs(&mut rng, n, inp, out, r);
+        let t = |shape: &[usize], d: Vec<f32>| Tensor::from_f32(shape, d).unwrap();
+        let (x, w) = (t(&[n, inp], v.x.clone()), t(&[out, inp], v.w.clone()));
+        let (a, b) = (t(&[r, inp], v.a.clone()), t(&[out, r], v.b.clone()));
+        let dy = t(&[n, out], rng.normal_vec(n * out, 1.0));
+        let acc0 = rng.normal_vec(n * inp, 1.0);
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: 0.5,
+        };
+        let xa = lora_linear_forward(&layer, &x, None).unwrap().xa;
+        let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+        let (mut da1, mut db1) = (zeros(&[r, inp]), zeros(&[out, r]));
+        let dx = lora_linear_backward(&layer, &dy, &x, &xa, &mut da1, &mut db1, true)
+            .unwrap()
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let (mut da2, mut db2) = (zeros(&[r, inp]), zeros(&[out, r]));
+        let mut acc = t(&[n, inp], acc0.clone());
+        lora_linear_backward_accumulate(&layer, &dy, &x, &xa, &mut da2, &mut db2, &mut acc)
+            .unwrap();
+        assert_eq!(da1.to_f32_vec().unwrap(), da2.to_f32_vec().unwrap());
+        assert_eq!(db1.to_f32_vec().unwrap(), db2.to_f32_vec().unwrap());
+        let want: Vec<f32> = acc0.iter().zip(&dx).map(|(a, d)| a + d).collect();
+        assert!(crate::check::rel_err(&acc.to_f32_vec().unwrap(), &want) < 1e-6);
+        let mut wrong = zeros(&[n, inp + 1]);
+        let err =
+            lora_linear_backward_accumulate(&layer, &dy, &x, &xa, &mut da2, &mut db2, &mut wrong)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("dx_acc"), "{err}");
+    }
+
     #[test]
     fn backward_matches_finite_differences_and_accumulates() {
         let mut rng = Rng::new(22);
