@@ -28,9 +28,7 @@
 
 use tigon_kernels::ops::attention::Attention;
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
-use tigon_kernels::ops::lora_linear::{
-    lora_linear_backward_accumulate, lora_linear_xa, LoraLinear,
-};
+use tigon_kernels::ops::lora_linear::{lora_linear_backward_accumulate, lora_linear_xa};
 use tigon_kernels::ops::matmul::{matmul, matmul_into};
 use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
 use tigon_kernels::Tensor;
@@ -40,7 +38,7 @@ use crate::fusion::Fusion;
 use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
-use crate::lora::{LayerLora, LoraTensors};
+use crate::lora::LayerLora;
 use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 
@@ -115,13 +113,7 @@ impl Layer<'_> {
         };
         match &lora[p as usize] {
             Some(l) => {
-                let layer = LoraLinear {
-                    w,
-                    bias,
-                    a: l.a_compute.as_ref().unwrap_or(&l.a),
-                    b: l.b_compute.as_ref().unwrap_or(&l.b),
-                    scaling: l.scaling,
-                };
+                let layer = l.on(w, bias);
                 let out = match &self.dropout {
                     Some(d) => {
                         let x_d = d.adapter_input(p, x)?;
@@ -153,23 +145,15 @@ impl Layer<'_> {
         let w = self.w.projection(p);
         match (&mut lora[p as usize], xa) {
             (Some(l), Some(xa)) => {
-                let layer = LoraLinear {
-                    w,
-                    bias: None,
-                    a: l.a_compute.as_ref().unwrap_or(&l.a),
-                    b: l.b_compute.as_ref().unwrap_or(&l.b),
-                    scaling: l.scaling,
-                };
+                let (layer, da, db) = l.on_with_grads(w, None);
                 if let Some(d) = &self.dropout {
                     let x_d = d.adapter_input(p, x)?;
                     self.fusion
-                        .lora_backward(&layer, dy, &x_d, xa, &mut l.da, &mut l.db, false)?;
+                        .lora_backward(&layer, dy, &x_d, xa, da, db, false)?;
                     drop(x_d);
                     return d.backward_dx(p, &layer, dy);
                 }
-                let dx = self
-                    .fusion
-                    .lora_backward(&layer, dy, x, xa, &mut l.da, &mut l.db, true)?;
+                let dx = self.fusion.lora_backward(&layer, dy, x, xa, da, db, true)?;
                 Ok(dx.expect("need_dx was set"))
             }
             _ => Ok(matmul(dy, false, w, false, dy.dtype())?),
@@ -193,14 +177,8 @@ impl Layer<'_> {
             let w = self.w.projection(p);
             match (&mut lora[p as usize], xa) {
                 (Some(l), Some(xa)) => {
-                    let layer = LoraLinear {
-                        w,
-                        bias: None,
-                        a: l.a_compute.as_ref().unwrap_or(&l.a),
-                        b: l.b_compute.as_ref().unwrap_or(&l.b),
-                        scaling: l.scaling,
-                    };
-                    lora_linear_backward_accumulate(&layer, dy, x, xa, &mut l.da, &mut l.db, acc)?;
+                    let (layer, da, db) = l.on_with_grads(w, None);
+                    lora_linear_backward_accumulate(&layer, dy, x, xa, da, db, acc)?;
                 }
                 _ => matmul_into(dy, false, w, false, acc, 1.0, 1.0)?,
             }
@@ -209,18 +187,6 @@ impl Layer<'_> {
         let d = self.project_backward(p, lora, dy, x, xa)?;
         add_inplace(acc, &d, 1.0)?;
         Ok(())
-    }
-
-    /// The frozen weight of projection `p` with the adapter `l` on it (bias left out: only
-    /// the forward adds it).
-    fn lora_layer<'l>(&'l self, p: Proj, l: &'l LoraTensors) -> LoraLinear<'l> {
-        LoraLinear {
-            w: self.w.projection(p),
-            bias: None,
-            a: l.a_compute.as_ref().unwrap_or(&l.a),
-            b: l.b_compute.as_ref().unwrap_or(&l.b),
-            scaling: l.scaling,
-        }
     }
 
     /// The down projection's backward, which owns its input `act` (the largest saved
@@ -236,23 +202,17 @@ impl Layer<'_> {
         let w = self.w.projection(Proj::Down);
         match (&mut lora[Proj::Down as usize], xa) {
             (Some(l), Some(xa)) => {
-                let layer = LoraLinear {
-                    w,
-                    bias: None,
-                    a: l.a_compute.as_ref().unwrap_or(&l.a),
-                    b: l.b_compute.as_ref().unwrap_or(&l.b),
-                    scaling: l.scaling,
-                };
+                let (layer, da, db) = l.on_with_grads(w, None);
                 if let Some(d) = &self.dropout {
                     let act_d = d.adapter_input(Proj::Down, &act)?;
                     drop(act);
                     self.fusion
-                        .lora_backward(&layer, dy, &act_d, xa, &mut l.da, &mut l.db, false)?;
+                        .lora_backward(&layer, dy, &act_d, xa, da, db, false)?;
                     drop(act_d);
                     return d.backward_dx(Proj::Down, &layer, dy);
                 }
                 self.fusion
-                    .lora_backward(&layer, dy, &act, xa, &mut l.da, &mut l.db, false)?;
+                    .lora_backward(&layer, dy, &act, xa, da, db, false)?;
                 drop(act);
                 Ok(self.fusion.lora_backward_dx(&layer, dy)?)
             }
@@ -372,7 +332,7 @@ impl Layer<'_> {
         } else {
             let xa_d = match &lora[Proj::Down as usize] {
                 Some(l) => {
-                    let layer = self.lora_layer(Proj::Down, l);
+                    let layer = l.on(self.w.projection(Proj::Down), None);
                     Some(match &self.dropout {
                         Some(d) => lora_linear_xa(&layer, &d.adapter_input(Proj::Down, &act)?)?,
                         None => lora_linear_xa(&layer, &act)?,

@@ -4,6 +4,7 @@
 //! be saved.
 
 use tigon_kernels::ops::adamw::cast_multi_to_bf16;
+use tigon_kernels::ops::lora_linear::LoraLinear;
 use tigon_kernels::{DType, Device, Tensor};
 use tigon_model::{Adapter, ModelConfig, Projection};
 
@@ -57,6 +58,44 @@ impl LoraTensors {
             a_compute: None,
             b_compute: None,
         })
+    }
+
+    /// This adapter on the frozen `w` as the LoRA op takes it: A and B in the compute dtype
+    /// while a training step holds copies of them, the fp32 masters otherwise.
+    pub fn on<'l>(&'l self, w: &'l Tensor, bias: Option<&'l Tensor>) -> LoraLinear<'l> {
+        LoraLinear {
+            w,
+            bias,
+            a: self.a_compute.as_ref().unwrap_or(&self.a),
+            b: self.b_compute.as_ref().unwrap_or(&self.b),
+            scaling: self.scaling,
+        }
+    }
+
+    /// [`LoraTensors::on`] and the dA, dB accumulators, borrowed together for a backward.
+    pub fn on_with_grads<'l>(
+        &'l mut self,
+        w: &'l Tensor,
+        bias: Option<&'l Tensor>,
+    ) -> (LoraLinear<'l>, &'l mut Tensor, &'l mut Tensor) {
+        let LoraTensors {
+            a,
+            b,
+            a_compute,
+            b_compute,
+            scaling,
+            da,
+            db,
+            ..
+        } = self;
+        let layer = LoraLinear {
+            w,
+            bias,
+            a: a_compute.as_ref().unwrap_or(a),
+            b: b_compute.as_ref().unwrap_or(b),
+            scaling: *scaling,
+        };
+        (layer, da, db)
     }
 
     pub fn rank(&self) -> usize {

@@ -235,29 +235,8 @@ fn backward_adapter(
     da: &mut Tensor,
     db: &mut Tensor,
 ) -> Result<(Tensor, Option<Arc<Gpu>>)> {
-    let d = check_layer(layer, x)?;
+    let (d, gpu) = check_backward(layer, dy, x, xa, da, db)?;
     let dt = x.dtype();
-    expect_dtype(OP, "dy", dy, &[dt])?;
-    expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
-    expect_dtype(OP, "xa", xa, &[dt])?;
-    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
-    expect_dtype(OP, "da", da, &[DType::F32])?;
-    expect_shape(OP, "da", da, &[d.r, d.inp])?;
-    expect_dtype(OP, "db", db, &[DType::F32])?;
-    expect_shape(OP, "db", db, &[d.out, d.r])?;
-    let gpu = common_gpu(
-        OP,
-        &[
-            ("dy", dy),
-            ("x", x),
-            ("xa", xa),
-            ("w", layer.w),
-            ("a", layer.a),
-            ("b", layer.b),
-            ("da", da),
-            ("db", db),
-        ],
-    )?;
     let s = layer.scaling;
     matmul_into(dy, true, xa, false, db, s, 1.0)?;
     let mut dxa = output(&gpu, &with_last(x, d.r), dt)?;
@@ -288,7 +267,6 @@ fn input_grad_into(
 /// [`lora_linear_backward`] adding its input gradient onto `dx_acc` (`dx_acc += dy W +
 /// (s dy B) A`) through the GEMMs' beta instead of a new tensor and an add: for inputs
 /// shared by several projections (q, k, v; gate, up). The sum is rounded once per GEMM.
-#[allow(clippy::too_many_arguments)]
 pub fn lora_linear_backward_accumulate(
     layer: &LoraLinear,
     dy: &Tensor,
@@ -325,15 +303,13 @@ pub fn lora_linear_xa(layer: &LoraLinear, x: &Tensor) -> Result<Tensor> {
 pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor> {
     let (r, inp, gpu) = check_backward_dx(layer, dy)?;
     let dt = dy.dtype();
-    let (mut a_slot, mut b_slot) = (None, None);
-    let a = as_dtype(layer.a, dt, &mut a_slot)?;
+    let mut b_slot = None;
     let b = as_dtype(layer.b, dt, &mut b_slot)?;
     let lead = &dy.shape()[..dy.shape().len() - 1];
     let mut dxa = output(&gpu, &[lead, &[r]].concat(), dt)?;
     matmul_into(dy, false, b, false, &mut dxa, layer.scaling, 0.0)?;
     let mut dx = output(&gpu, &[lead, &[inp]].concat(), dt)?;
-    matmul_into(dy, false, layer.w, false, &mut dx, 1.0, 0.0)?;
-    matmul_into(&dxa, false, a, false, &mut dx, 1.0, 1.0)?;
+    input_grad_into(layer, dy, &dxa, &mut dx, 0.0)?;
     Ok(dx)
 }
 
