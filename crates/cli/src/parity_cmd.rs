@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
+use tigon_engine::fusion::Fusion;
 use tigon_engine::parity::{check_fixture, ParityReport};
 use tigon_kernels::check::rel_err;
 use tigon_kernels::{DType, Device, Gpu};
@@ -49,6 +50,13 @@ pub struct ParityArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Which ops run fused (`all`, `none`, a list, `all,-attention`): switch a fused kernel
+    /// off to see what it contributes to the error.
+    #[arg(long, default_value = "all")]
+    pub fusion: Fusion,
+    /// Print every LoRA gradient's error (and HF bf16's on the same tensor, when written).
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 /// The fixture folders under `root` (those with a batch.json), sorted by name.
@@ -94,6 +102,24 @@ fn hf_bf16_spread(dir: &Path) -> Result<Option<(f64, f64, f64)>> {
     Ok(Some((err("logits")?, err("loss")?, grad)))
 }
 
+/// HF bf16's relative error against HF fp32 for every LoRA gradient (empty without the
+/// bf16 reference), under the keys [`ParityReport::grads`] uses.
+fn hf_bf16_grads(dir: &Path) -> Result<Vec<(String, f64)>> {
+    let bf = dir.join(EXPECTED_BF16);
+    if !bf.is_file() {
+        return Ok(Vec::new());
+    }
+    let f32w = Weights::open_file(&dir.join(EXPECTED_F32))?;
+    let bfw = Weights::open_file(&bf)?;
+    let mut out = Vec::new();
+    for n in f32w.names().iter().filter(|n| n.ends_with(".grad")) {
+        let a = bfw.get_any_shape(n, DType::F32)?.to_f32_vec()?;
+        let b = f32w.get_any_shape(n, DType::F32)?.to_f32_vec()?;
+        out.push((n.trim_end_matches(".grad").to_string(), rel_err(&a, &b)));
+    }
+    Ok(out)
+}
+
 fn worst_grad(r: &ParityReport) -> (f64, &str) {
     r.grads.iter().fold(
         (0.0, "-"),
@@ -121,7 +147,7 @@ pub fn parity(args: ParityArgs) -> Result<i32> {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match check_fixture(dir, &device, dtype, EXPECTED_F32) {
+        match check_fixture(dir, &device, dtype, EXPECTED_F32, args.fusion) {
             Ok(r) => {
                 let (g, key) = worst_grad(&r);
                 let pass = r.worst() < tol && r.worst().is_finite();
@@ -146,6 +172,17 @@ pub fn parity(args: ParityArgs) -> Result<i32> {
                         "{:<16} HF bf16 vs HF fp32, for scale: logits {l:.2e}, loss {s:.2e}, grads {g:.2e}",
                         ""
                     );
+                }
+                if args.verbose {
+                    let hf = hf_bf16_grads(dir)?;
+                    for (key, e) in &r.grads {
+                        let hf_e = hf.iter().find(|(k, _)| k == key).map(|(_, e)| *e);
+                        println!(
+                            "{:<16}   {e:9.2e}  HF bf16 {}  {key}",
+                            "",
+                            hf_e.map_or("-".to_string(), |e| format!("{e:9.2e}"))
+                        );
+                    }
                 }
                 rows.push(json!({
                     "fixture": name, "logits": r.logits, "loss": r.loss,

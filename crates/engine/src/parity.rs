@@ -12,6 +12,7 @@ use tigon_model::{Adapter, ModelWeights, Weights};
 
 use crate::decoder::{Batch, Decoder};
 use crate::error::{EngineError, Result};
+use crate::fusion::Fusion;
 use crate::lora::LoraState;
 
 /// Relative errors (`||ours - hf|| / ||hf||`) of one fixture.
@@ -54,12 +55,14 @@ pub fn read_batch(path: &Path) -> Result<Batch> {
 
 /// Run the fixture in `dir` on `device` with base weights in `dtype`, and compare with
 /// `expected_file` (`expected.safetensors` for the f32 CPU reference,
-/// `expected_bfloat16.safetensors` for the bf16 GPU one).
+/// `expected_bfloat16.safetensors` for the bf16 GPU one), with the ops `fusion` selects
+/// fused (a fused kernel can be switched off to see what it contributes to the error).
 pub fn check_fixture(
     dir: &Path,
     device: &Device,
     dtype: DType,
     expected_file: &str,
+    fusion: Fusion,
 ) -> Result<ParityReport> {
     let weights = ModelWeights::from_dir(&dir.join("model"), device, dtype)?;
     let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config)?;
@@ -67,6 +70,7 @@ pub fn check_fixture(
     let batch = read_batch(&dir.join("batch.json"))?;
     let expected = Weights::open_file(&dir.join(expected_file))?;
     let mut decoder = Decoder::new(weights, lora)?;
+    decoder.fusion = fusion;
 
     let logits = decoder.logits(&batch)?.to_f32_vec()?;
     let hf_logits = expected.get_any_shape("logits", DType::F32)?.to_f32_vec()?;
@@ -115,6 +119,7 @@ pub(crate) mod tests {
             &Device::Cpu,
             DType::F32,
             "expected.safetensors",
+            Fusion::all(),
         )
         .unwrap();
         assert!(!r.grads.is_empty());
