@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import transformers, peft
 from peft import PeftModel
 torch.backends.cuda.matmul.allow_tf32 = False
+DEV = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu runs the same emulation on the CPU
 
 class RoundGrad(torch.autograd.Function):
     @staticmethod
@@ -47,14 +48,14 @@ for root in sys.argv[1:]:
         d = os.path.join(root, name)
         if not os.path.isfile(os.path.join(d, "batch.json")): continue
         b = json.load(open(os.path.join(d, "batch.json")))
-        ids = torch.tensor(b["input_ids"]).cuda(); labels = torch.tensor(b["labels"]).cuda()
+        ids = torch.tensor(b["input_ids"]).to(DEV); labels = torch.tensor(b["labels"]).to(DEV)
         exp = load_file(os.path.join(d, "expected.safetensors"))
         cfg = json.load(open(os.path.join(d, "model", "config.json")))
         cls = getattr(transformers, cfg["architectures"][0])
         line = []
         for v in variants:
             FLAGS.clear(); FLAGS.update(v)
-            model = cls.from_pretrained(os.path.join(d, "model"), torch_dtype=torch.bfloat16, attn_implementation="eager").cuda()
+            model = cls.from_pretrained(os.path.join(d, "model"), torch_dtype=torch.bfloat16, attn_implementation="eager").to(DEV)
             pm = PeftModel.from_pretrained(model, os.path.join(d, "adapter"), is_trainable=True)
             for n, p in pm.named_parameters():
                 if "lora_" in n: p.data = p.data.float()
