@@ -38,6 +38,10 @@ pub enum ParityDevice {
     Cpu,
     /// bf16 on the GPU, bar 2e-2 (head_dim 64 or 128 fixtures only).
     Cuda,
+    /// bf16 on the CPU, bar 2e-2: the CPU ops round where the GPU kernels do, so this
+    /// studies the bf16 path's precision on a machine without a GPU (slow; the same
+    /// fixtures as `cuda`).
+    CpuBf16,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +135,7 @@ pub fn parity(args: ParityArgs) -> Result<i32> {
     let dirs = fixture_dirs(&args.fixtures)?;
     let (device, dtype, tol) = match args.device {
         ParityDevice::Cpu => (Device::Cpu, DType::F32, TOL_F32),
+        ParityDevice::CpuBf16 => (Device::Cpu, DType::BF16, TOL_BF16),
         ParityDevice::Cuda => {
             let gpu = Gpu::new(0).context("tigon parity --device cuda needs a CUDA GPU")?;
             (Device::Cuda(gpu), DType::BF16, TOL_BF16)
