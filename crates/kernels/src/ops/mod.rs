@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
 pub mod lora_linear;
+pub mod lora_split;
 pub mod matmul;
 pub mod rms_norm;
 pub mod rope;
@@ -38,6 +39,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     adamw::SOURCE,
     attention::SOURCE,
     dropout::SOURCE,
+    lora_split::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -57,6 +59,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         adamw::CHECK,
         attention::CHECK,
         dropout::CHECK,
+        lora_split::CHECK,
     ]
 }
 

@@ -1,0 +1,79 @@
+// Two-part bf16 splits for an fp32-accurate LoRA path on bf16 tensor cores.
+//
+// A float v is split into hi = bf16(v) and lo = bf16(v - hi); hi + lo carries about 16 bits
+// of v's mantissa. A product of two split operands with three K-blocks,
+// [a_hi | a_lo | a_hi] . [b_hi | b_hi | b_lo] = a_hi b_hi + a_lo b_hi + a_hi b_lo, is then
+// exact to ~2^-16 relative (the dropped a_lo b_lo term), computed by one bf16 GEMM with fp32
+// accumulation. See ops/lora_split.rs for how the LoRA products use it.
+//
+// Layouts: the source is f32 [rows, src_blocks, cols]; the split output is bf16
+// [rows, 3, cols]; `parts` gives the part of each of the 3 output blocks, bit b set = lo.
+
+__device__ __forceinline__ void split_store(bf16* dst, long long row, int cols, int col, float v,
+                                            int parts) {
+    const bf16 hi = from_float<bf16>(v);
+    const bf16 lo = from_float<bf16>(v - to_float(hi));
+    bf16* base = dst + row * 3 * (long long)cols + col;
+#pragma unroll
+    for (int b = 0; b < 3; ++b) base[(long long)b * cols] = ((parts >> b) & 1) ? lo : hi;
+}
+
+// dst[row, b, col] = part_b(scale * sum_{k in sum_mask} src[row, k, col]).
+extern "C" __global__ void __launch_bounds__(256) lora_split3(const float* __restrict__ src,
+                                                              bf16* __restrict__ dst,
+                                                              long long rows, int cols,
+                                                              int src_blocks, int sum_mask,
+                                                              float scale, int parts) {
+    const long long n = rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        const long long row = e / cols;
+        const int col = (int)(e - row * cols);
+        const float* s = src + row * src_blocks * (long long)cols + col;
+        float v = 0.0f;
+        for (int k = 0; k < src_blocks; ++k)
+            if ((sum_mask >> k) & 1) v += s[(long long)k * cols];
+        split_store(dst, row, cols, col, v * scale, parts);
+    }
+}
+
+// dst[row, col] += scale * (src[row, i, col] + src[row, j, col]) over src [rows, 3, cols]:
+// folding a split product's partial results into an fp32 gradient.
+extern "C" __global__ void __launch_bounds__(256) lora_fold3(float* __restrict__ dst,
+                                                             const float* __restrict__ src,
+                                                             long long rows, int cols, int i,
+                                                             int j, float scale) {
+    const long long n = rows * cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        const long long row = e / cols;
+        const int col = (int)(e - row * cols);
+        const float* s = src + row * 3 * (long long)cols + col;
+        dst[e] += scale * (s[(long long)i * cols] + s[(long long)j * cols]);
+    }
+}
+
+// Many single-block splits in one launch (the per-micro-batch compute copies of every
+// adapter's A and B). One table entry per chunk of a tensor's elements.
+struct SplitJob {
+    const float* src;
+    bf16* dst;
+    long long cols;
+    long long parts;
+    long long start;
+    long long n;
+};
+
+extern "C" __global__ void __launch_bounds__(256) lora_split3_multi(const SplitJob* jobs,
+                                                                    int njobs) {
+    for (int c = blockIdx.x; c < njobs; c += gridDim.x) {
+        const SplitJob j = jobs[c];
+        const int cols = (int)j.cols;
+        for (long long t = threadIdx.x; t < j.n; t += blockDim.x) {
+            const long long e = j.start + t;
+            const long long row = e / cols;
+            const int col = (int)(e - row * cols);
+            split_store(j.dst, row, cols, col, j.src[e], (int)j.parts);
+        }
+    }
+}

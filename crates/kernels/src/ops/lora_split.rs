@@ -1,0 +1,530 @@
+//! Two-part bf16 splits: fp32-accurate rank-r LoRA products on bf16 tensor cores.
+//!
+//! PEFT computes the adapter path in fp32 (fp32 A and B, the bf16 input cast up) over a bf16
+//! base, and parity with it shows the difference: rounding A, B and the rank-r activations to
+//! bf16 costs 10-70% more gradient error against fp32 (bench/results/2026-11-23-h100-probes).
+//! cuBLAS has no bf16 x f32 GEMM, and fp32 GEMMs would read the large bf16 operands (x, dy)
+//! as f32 copies. Instead each small fp32 operand v is split into `hi = bf16(v)` and
+//! `lo = bf16(v - hi)` (about 16 bits of v together), and laid out in three K-blocks:
+//!
+//! ```text
+//! [a_hi | a_lo | a_hi] . [b_hi | b_hi | b_lo]^T = a_hi b_hi + a_lo b_hi + a_hi b_lo
+//! ```
+//!
+//! one bf16 GEMM with fp32 accumulation, exact to ~2^-16 relative (only `a_lo b_lo` is
+//! dropped). When one side is an exact bf16 tensor (x, dy), the split side's three blocks
+//! produce three partial products in the output, of which two are summed ([`split3`] with a
+//! `sum` mask, or [`fold3_into`] into an fp32 gradient).
+//!
+//! Layouts: a source is f32 `[rows, blocks, cols]`; a split is bf16 `[rows, 3, cols]` whose
+//! block `b` holds the part `parts[b]`. A `[r, in]` matrix split along its rows (`[3r, in]`)
+//! is `rows = 1, cols = r * in`; a `[n, r]` one split along its columns (`[n, 3r]`) is
+//! `rows = n, cols = r`.
+
+use std::sync::Arc;
+
+use crate::check::{compare_with_tol, CheckLine, GpuCheck};
+use crate::cpu::par_rows;
+use crate::cuda::{Gpu, KernelSource};
+use crate::error::{KernelError, Result};
+use crate::rng::Rng;
+use crate::{launch, DType, Device, Tensor};
+
+use super::{common_gpu, expect_dtype};
+
+pub const SOURCE: KernelSource = KernelSource {
+    name: "lora_split",
+    src: include_str!("../../kernels/lora_split.cu"),
+};
+
+const OP: &str = "lora_split";
+
+/// Which part (bf16 high or low half) each of a split's three blocks holds. A product pairs
+/// one operand in [`Parts3::HiLoHi`] with the other in [`Parts3::HiHiLo`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parts3 {
+    HiLoHi,
+    HiHiLo,
+}
+
+impl Parts3 {
+    /// Bit `b` set: block `b` holds the low part.
+    fn mask(self) -> i32 {
+        match self {
+            Parts3::HiLoHi => 0b010,
+            Parts3::HiHiLo => 0b100,
+        }
+    }
+}
+
+/// `v`'s two bf16 parts as f32 values: `hi = bf16(v)`, `lo = bf16(v - hi)`.
+pub fn split_parts(v: f32) -> (f32, f32) {
+    let hi = half::bf16::from_f32(v).to_f32();
+    (hi, half::bf16::from_f32(v - hi).to_f32())
+}
+
+/// The sizes of a `[rows, blocks, cols]` view of `t`, checked.
+fn check_view(name: &str, t: &Tensor, rows: usize, blocks: usize, cols: usize) -> Result<()> {
+    if rows * blocks * cols != t.elem_count() || cols == 0 || cols > i32::MAX as usize {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "{name} {:?} is not [{rows}, {blocks}, {cols}] ({} elements)",
+                t.shape(),
+                rows * blocks * cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn sum_mask(sum: &[usize], blocks: usize) -> Result<i32> {
+    if sum.is_empty() || blocks > 30 || sum.iter().any(|&b| b >= blocks) {
+        return Err(KernelError::invalid(
+            OP,
+            format!("sum blocks {sum:?} must be some of 0..{blocks}"),
+        ));
+    }
+    Ok(sum.iter().fold(0, |m, &b| m | (1 << b)))
+}
+
+/// The bf16 split `[rows, 3, cols]` (shaped `out_shape`) of `scale * Σ_{b in sum}
+/// src[rows, b, cols]`, `src` f32 viewed as `[rows, blocks, cols]`. The sum and the scale
+/// are taken in f32 in the order of `sum`'s blocks, ascending.
+#[allow(clippy::too_many_arguments)]
+pub fn split3(
+    src: &Tensor,
+    rows: usize,
+    blocks: usize,
+    cols: usize,
+    sum: &[usize],
+    scale: f32,
+    parts: Parts3,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    expect_dtype(OP, "src", src, &[DType::F32])?;
+    check_view("src", src, rows, blocks, cols)?;
+    let mask = sum_mask(sum, blocks)?;
+    if out_shape.iter().product::<usize>() != rows * 3 * cols {
+        return Err(KernelError::shape(
+            OP,
+            format!("output shape {out_shape:?} does not hold [{rows}, 3, {cols}]"),
+        ));
+    }
+    match common_gpu(OP, &[("src", src)])? {
+        None => {
+            let s = src.cpu_f32();
+            let mut out = vec![0.0f32; rows * 3 * cols];
+            par_rows(&mut out, 3 * cols, |row, o| {
+                let base = row * blocks * cols;
+                for col in 0..cols {
+                    let mut v = 0.0f32;
+                    for k in 0..blocks {
+                        if (mask >> k) & 1 == 1 {
+                            v += s[base + k * cols + col];
+                        }
+                    }
+                    let (hi, lo) = split_parts(v * scale);
+                    for b in 0..3 {
+                        o[b * cols + col] = if (parts.mask() >> b) & 1 == 1 { lo } else { hi };
+                    }
+                }
+            });
+            Tensor::from_f32_as(out_shape, out, DType::BF16)
+        }
+        Some(gpu) => {
+            let out = Tensor::uninit_cuda(&gpu, out_shape, DType::BF16)?;
+            let f = gpu.function(&SOURCE, "lora_split3")?;
+            let grid = (rows * cols).div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
+            launch!(gpu, f, (grid, 1, 1), (256, 1, 1), 0;
+                src.dptr(), out.dptr(), rows as i64, cols as i32, blocks as i32, mask, scale,
+                parts.mask())?;
+            Ok(out)
+        }
+    }
+}
+
+/// `dst[rows, cols] += scale * (src[rows, i, cols] + src[rows, j, cols])`, f32, `src`
+/// viewed as `[rows, 3, cols]`: the two wanted partial products of a split GEMM folded into
+/// a gradient accumulator.
+pub fn fold3_into(
+    dst: &mut Tensor,
+    src: &Tensor,
+    rows: usize,
+    cols: usize,
+    sum: [usize; 2],
+    scale: f32,
+) -> Result<()> {
+    expect_dtype(OP, "dst", dst, &[DType::F32])?;
+    expect_dtype(OP, "src", src, &[DType::F32])?;
+    check_view("dst", dst, rows, 1, cols)?;
+    check_view("src", src, rows, 3, cols)?;
+    let [i, j] = sum;
+    if i >= 3 || j >= 3 {
+        return Err(KernelError::invalid(
+            OP,
+            format!("fold blocks {sum:?} must be in 0..3"),
+        ));
+    }
+    match common_gpu(OP, &[("dst", dst), ("src", src)])? {
+        None => {
+            let s = src.cpu_f32().into_owned();
+            let mut d = dst.cpu_f32().into_owned();
+            par_rows(&mut d, cols, |row, o| {
+                let base = row * 3 * cols;
+                for (col, e) in o.iter_mut().enumerate() {
+                    *e += scale * (s[base + i * cols + col] + s[base + j * cols + col]);
+                }
+            });
+            dst.cpu_store_f32(&d);
+            Ok(())
+        }
+        Some(gpu) => {
+            let f = gpu.function(&SOURCE, "lora_fold3")?;
+            let grid = (rows * cols).div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
+            launch!(gpu, f, (grid, 1, 1), (256, 1, 1), 0;
+                dst.dptr(), src.dptr(), rows as i64, cols as i32, i as i32, j as i32, scale)?;
+            Ok(())
+        }
+    }
+}
+
+/// One tensor of [`split3_multi`]: f32 `src` split (no sum, no scale) into bf16 `dst`,
+/// both viewed as in [`split3`] with one source block.
+pub struct SplitJob<'a> {
+    pub src: &'a Tensor,
+    pub dst: &'a mut Tensor,
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Parts3,
+}
+
+/// Elements per table entry of the multi-tensor launch.
+const JOB_CHUNK: usize = 1 << 16;
+
+/// [`split3`] of many tensors into existing buffers in one launch (every adapter's A and B
+/// once per micro-batch).
+pub fn split3_multi(jobs: &mut [SplitJob]) -> Result<()> {
+    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
+    for j in jobs.iter() {
+        expect_dtype(OP, "src", j.src, &[DType::F32])?;
+        expect_dtype(OP, "dst", j.dst, &[DType::BF16])?;
+        check_view("src", j.src, j.rows, 1, j.cols)?;
+        check_view("dst", j.dst, j.rows, 3, j.cols)?;
+        named.push(("src", j.src));
+        named.push(("dst", &*j.dst));
+    }
+    let Some(gpu) = common_gpu(OP, &named)? else {
+        for j in jobs.iter_mut() {
+            *j.dst = split3(j.src, j.rows, 1, j.cols, &[0], 1.0, j.parts, j.dst.shape())?;
+        }
+        return Ok(());
+    };
+    // Per entry: src, dst, cols, parts, first element, element count (6 words).
+    let mut table: Vec<u64> = Vec::new();
+    for j in jobs.iter() {
+        let n = j.rows * j.cols;
+        let mut start = 0;
+        while start < n {
+            let len = JOB_CHUNK.min(n - start);
+            table.extend([
+                j.src.dptr(),
+                j.dst.dptr(),
+                j.cols as u64,
+                j.parts.mask() as u64,
+                start as u64,
+                len as u64,
+            ]);
+            start += len;
+        }
+    }
+    let entries = table.len() / 6;
+    if entries == 0 {
+        return Ok(());
+    }
+    let entries = i32::try_from(entries)
+        .map_err(|_| KernelError::invalid(OP, "more chunks than a launch can index"))?;
+    let buf = gpu.alloc(std::mem::size_of_val(table.as_slice()))?;
+    gpu.upload(&buf, &table)?;
+    let f = gpu.function(&SOURCE, "lora_split3_multi")?;
+    let blocks = (entries as usize).min(gpu.sm_count() * 8) as u32;
+    launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; buf.ptr(), entries)?;
+    // `buf` is freed in stream order, after the launch has read it.
+    Ok(())
+}
+
+fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    // The same f32 additions in the same order and the same round-to-nearest-even on both
+    // sides: bit-exact, so the only passing relative error is 0.
+    let exact = f64::MIN_POSITIVE;
+    let mut lines = Vec::new();
+    let to_gpu = |t: &Tensor| t.to_device(&Device::Cuda(gpu.clone()));
+    for (rows, blocks, cols, sum, scale, parts) in [
+        (
+            4096usize,
+            3usize,
+            16usize,
+            vec![0usize, 1],
+            1.0f32,
+            Parts3::HiLoHi,
+        ),
+        (4093, 3, 8, vec![0, 2], 0.125, Parts3::HiHiLo),
+        (1, 1, 16 * 4096, vec![0], 1.0, Parts3::HiLoHi),
+        (14336, 1, 16, vec![0], 1.0, Parts3::HiHiLo),
+    ] {
+        let src = Tensor::from_f32(
+            &[rows, blocks * cols],
+            rng.normal_vec(rows * blocks * cols, 1.0),
+        )?;
+        let shape = [rows, 3 * cols];
+        let case = format!("[{rows}, {blocks}, {cols}] sum {sum:?} x{scale} {parts:?}");
+        let want = split3(&src, rows, blocks, cols, &sum, scale, parts, &shape)?;
+        let got = split3(
+            &to_gpu(&src)?,
+            rows,
+            blocks,
+            cols,
+            &sum,
+            scale,
+            parts,
+            &shape,
+        )?;
+        lines.push(compare_with_tol(OP, &case, "split", &got, &want, exact)?);
+    }
+    for (rows, cols, sum, scale) in [
+        (14336usize, 16usize, [0usize, 1usize], 0.5f32),
+        (1, 16 * 4093, [0, 2], 1.0),
+    ] {
+        let src = Tensor::from_f32(&[rows, 3 * cols], rng.normal_vec(rows * 3 * cols, 1.0))?;
+        let dst = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0))?;
+        let (mut want, mut got) = (dst.to_cpu()?, to_gpu(&dst)?);
+        fold3_into(&mut want, &src, rows, cols, sum, scale)?;
+        fold3_into(&mut got, &to_gpu(&src)?, rows, cols, sum, scale)?;
+        let case = format!("[{rows}, 3, {cols}] {sum:?} x{scale}");
+        lines.push(compare_with_tol(OP, &case, "fold", &got, &want, exact)?);
+    }
+    // The multi-tensor launch over an adapter's A ([r, in] split along rows) and B ([out, r]
+    // along columns), several chunks each.
+    let (r, inp, out) = (16, 4096, 14336);
+    let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.02))?;
+    let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.02))?;
+    let (ag, bg) = (to_gpu(&a)?, to_gpu(&b)?);
+    let mut a3 = Tensor::zeros(&[3 * r, inp], DType::BF16, &Device::Cuda(gpu.clone()))?;
+    let mut b3 = Tensor::zeros(&[out, 3 * r], DType::BF16, &Device::Cuda(gpu.clone()))?;
+    split3_multi(&mut [
+        SplitJob {
+            src: &ag,
+            dst: &mut a3,
+            rows: 1,
+            cols: r * inp,
+            parts: Parts3::HiLoHi,
+        },
+        SplitJob {
+            src: &bg,
+            dst: &mut b3,
+            rows: out,
+            cols: r,
+            parts: Parts3::HiHiLo,
+        },
+    ])?;
+    let a3_want = split3(&a, 1, 1, r * inp, &[0], 1.0, Parts3::HiLoHi, &[3 * r, inp])?;
+    let b3_want = split3(&b, out, 1, r, &[0], 1.0, Parts3::HiHiLo, &[out, 3 * r])?;
+    lines.push(compare_with_tol(
+        OP,
+        "multi A [16, 4096]",
+        "split",
+        &a3,
+        &a3_want,
+        exact,
+    )?);
+    lines.push(compare_with_tol(
+        OP,
+        "multi B [14336, 16]",
+        "split",
+        &b3,
+        &b3_want,
+        exact,
+    )?);
+    Ok(lines)
+}
+
+pub const CHECK: GpuCheck = GpuCheck {
+    op: OP,
+    run: gpu_check,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        t.to_f32_vec().unwrap()
+    }
+
+    /// hi + lo recovers v to about 2^-16 relative, far better than bf16's 2^-9.
+    #[test]
+    fn two_parts_carry_sixteen_bits() {
+        let mut rng = Rng::new(7);
+        for v in rng.normal_vec(10_000, 3.0) {
+            let (hi, lo) = split_parts(v);
+            assert!(
+                ((hi + lo) - v).abs() <= v.abs() * 2f32.powi(-16),
+                "{v}: {hi} + {lo}"
+            );
+            assert_eq!(hi, half::bf16::from_f32(v).to_f32());
+        }
+    }
+
+    /// A product of a [hi|lo|hi] split with a [hi|hi|lo] split, as one bf16 GEMM computes it
+    /// (exact bf16 products, f32 sums), matches the f64 product to ~1e-5 where plain bf16
+    /// operands are off by ~1e-3.
+    #[test]
+    fn split_product_is_fp32_accurate() {
+        let (n, k, m) = (37, 16, 29);
+        let mut rng = Rng::new(3);
+        let x = rng.normal_vec(n * k, 1.0);
+        let w = rng.normal_vec(m * k, 1.0);
+        let xs = split3(
+            &Tensor::from_f32(&[n, k], x.clone()).unwrap(),
+            n,
+            1,
+            k,
+            &[0],
+            1.0,
+            Parts3::HiLoHi,
+            &[n, 3 * k],
+        )
+        .unwrap();
+        let ws = split3(
+            &Tensor::from_f32(&[m, k], w.clone()).unwrap(),
+            m,
+            1,
+            k,
+            &[0],
+            1.0,
+            Parts3::HiHiLo,
+            &[m, 3 * k],
+        )
+        .unwrap();
+        let (xs, ws) = (f32s(&xs), f32s(&ws));
+        let (mut err_split, mut err_bf16, mut norm) = (0f64, 0f64, 0f64);
+        for i in 0..n {
+            for j in 0..m {
+                let exact: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+                let split: f32 = (0..3 * k)
+                    .map(|t| xs[i * 3 * k + t] * ws[j * 3 * k + t])
+                    .sum();
+                let bf: f32 = (0..k)
+                    .map(|t| split_parts(x[i * k + t]).0 * split_parts(w[j * k + t]).0)
+                    .sum();
+                err_split += (split as f64 - exact).powi(2);
+                err_bf16 += (bf as f64 - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        let (es, eb) = ((err_split / norm).sqrt(), (err_bf16 / norm).sqrt());
+        assert!(es < 2e-5, "split {es:e}");
+        assert!(eb > 1e-3, "plain bf16 {eb:e}");
+    }
+
+    /// split3 sums the chosen source blocks, scales, and lays the parts out as asked.
+    #[test]
+    fn split3_sums_scales_and_lays_out() {
+        let (rows, cols) = (5, 3);
+        let src: Vec<f32> = (0..rows * 3 * cols)
+            .map(|i| i as f32 * 0.37 - 4.0)
+            .collect();
+        let t = Tensor::from_f32(&[rows, 3 * cols], src.clone()).unwrap();
+        let out = f32s(
+            &split3(
+                &t,
+                rows,
+                3,
+                cols,
+                &[0, 2],
+                0.5,
+                Parts3::HiHiLo,
+                &[rows, 3 * cols],
+            )
+            .unwrap(),
+        );
+        for r in 0..rows {
+            for c in 0..cols {
+                let v = 0.5 * (src[r * 3 * cols + c] + src[r * 3 * cols + 2 * cols + c]);
+                let (hi, lo) = split_parts(v);
+                let o = |b: usize| out[r * 3 * cols + b * cols + c];
+                assert_eq!((o(0), o(1), o(2)), (hi, hi, lo));
+            }
+        }
+    }
+
+    #[test]
+    fn fold3_adds_two_blocks_into_the_accumulator() {
+        let (rows, cols) = (4, 6);
+        let src: Vec<f32> = (0..rows * 3 * cols).map(|i| i as f32).collect();
+        let mut dst = Tensor::from_f32(&[rows, cols], vec![1.0; rows * cols]).unwrap();
+        fold3_into(
+            &mut dst,
+            &Tensor::from_f32(&[rows * 3 * cols], src.clone()).unwrap(),
+            rows,
+            cols,
+            [0, 1],
+            2.0,
+        )
+        .unwrap();
+        let d = f32s(&dst);
+        for r in 0..rows {
+            for c in 0..cols {
+                let want = 1.0 + 2.0 * (src[r * 3 * cols + c] + src[r * 3 * cols + cols + c]);
+                assert_eq!(d[r * cols + c], want);
+            }
+        }
+    }
+
+    #[test]
+    fn multi_equals_single_splits_on_the_cpu() {
+        let a = Tensor::from_f32(&[4, 10], Rng::new(1).normal_vec(40, 0.1)).unwrap();
+        let b = Tensor::from_f32(&[7, 4], Rng::new(2).normal_vec(28, 0.1)).unwrap();
+        let mut a3 = Tensor::zeros(&[12, 10], DType::BF16, &Device::Cpu).unwrap();
+        let mut b3 = Tensor::zeros(&[7, 12], DType::BF16, &Device::Cpu).unwrap();
+        split3_multi(&mut [
+            SplitJob {
+                src: &a,
+                dst: &mut a3,
+                rows: 1,
+                cols: 40,
+                parts: Parts3::HiLoHi,
+            },
+            SplitJob {
+                src: &b,
+                dst: &mut b3,
+                rows: 7,
+                cols: 4,
+                parts: Parts3::HiHiLo,
+            },
+        ])
+        .unwrap();
+        let want_a = split3(&a, 1, 1, 40, &[0], 1.0, Parts3::HiLoHi, &[12, 10]).unwrap();
+        let want_b = split3(&b, 7, 1, 4, &[0], 1.0, Parts3::HiHiLo, &[7, 12]).unwrap();
+        assert_eq!(f32s(&a3), f32s(&want_a));
+        assert_eq!(f32s(&b3), f32s(&want_b));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_naming_the_op() {
+        let t = Tensor::from_f32(&[4, 6], vec![0.0; 24]).unwrap();
+        for e in [
+            split3(&t, 4, 3, 3, &[0], 1.0, Parts3::HiLoHi, &[4, 9]).unwrap_err(),
+            split3(&t, 4, 3, 2, &[3], 1.0, Parts3::HiLoHi, &[4, 6]).unwrap_err(),
+            split3(&t, 4, 3, 2, &[0], 1.0, Parts3::HiLoHi, &[4, 7]).unwrap_err(),
+            fold3_into(&mut t.to_cpu().unwrap(), &t, 4, 2, [0, 3], 1.0).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains(OP), "{e}");
+        }
+        let bf = Tensor::zeros(&[4, 6], DType::BF16, &Device::Cpu).unwrap();
+        let e = split3(&bf, 4, 3, 2, &[0], 1.0, Parts3::HiLoHi, &[4, 6]).unwrap_err();
+        assert!(e.to_string().contains("src"), "{e}");
+    }
+}
