@@ -205,6 +205,7 @@ fn projection(
                 a: &a32,
                 b: &b32,
                 scaling: s,
+                split: None,
             };
             let op_fwd = ms_of(gpu, args, || {
                 lora_linear_forward(&layer, &x, None).map(drop)

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use tigon_engine::fusion::Fusion;
+use tigon_engine::lora::LoraPrecision;
 use tigon_engine::parity::{check_fixture, ParityReport};
 use tigon_kernels::check::rel_err;
 use tigon_kernels::{DType, Device, Gpu};
@@ -58,6 +59,9 @@ pub struct ParityArgs {
     /// off to see what it contributes to the error.
     #[arg(long, default_value = "all")]
     pub fusion: Fusion,
+    /// The adapter path over a bf16 base: `fp32` (as PEFT computes it) or `bf16`.
+    #[arg(long, default_value = "fp32")]
+    pub lora_precision: LoraPrecision,
     /// Print every LoRA gradient's error (and HF bf16's on the same tensor, when written).
     #[arg(long)]
     pub verbose: bool,
@@ -152,7 +156,14 @@ pub fn parity(args: ParityArgs) -> Result<i32> {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match check_fixture(dir, &device, dtype, EXPECTED_F32, args.fusion) {
+        match check_fixture(
+            dir,
+            &device,
+            dtype,
+            EXPECTED_F32,
+            args.fusion,
+            args.lora_precision,
+        ) {
             Ok(r) => {
                 let (g, key) = worst_grad(&r);
                 let pass = r.worst() < tol && r.worst().is_finite();

@@ -14,7 +14,7 @@ use tigon_kernels::{DType, Device, Tensor};
 use crate::error::{EngineError, Result};
 use crate::fusion::Fusion;
 use crate::layer::{BatchCtx, Layer};
-use crate::lora::LoraState;
+use crate::lora::{layer_splits, LayerLora, LayerSplits, LoraPrecision, LoraState};
 use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 use tigon_model::ModelWeights;
@@ -129,6 +129,9 @@ pub struct Decoder {
     /// Which ops run as fused kernels and which as plain compositions (training, evaluation
     /// and the optimizer alike); [`Fusion::all`] by default.
     pub fusion: Fusion,
+    /// How the adapter path is computed over a bf16 base: fp32-accurate as PEFT (the
+    /// default) or in bf16. Only with the fused LoRA op; f32 models are exact either way.
+    pub lora_precision: LoraPrecision,
     /// The seed of the LoRA dropout masks (training with `lora.dropout > 0` only); see
     /// [`Decoder::begin_dropout_step`].
     pub dropout_seed: u64,
@@ -163,18 +166,36 @@ impl Decoder {
             device,
             checkpointing: false,
             fusion: Fusion::all(),
+            lora_precision: LoraPrecision::default(),
             dropout_seed: 0,
             micro_batch: 0,
         })
     }
 
-    fn layer(&self, i: usize) -> Layer<'_> {
+    fn layer<'a>(&'a self, i: usize, splits: Option<&'a LayerSplits>) -> Layer<'a> {
         Layer {
             spec: &self.spec,
             w: &self.weights.layers[i],
             fusion: self.fusion,
             dropout: None,
+            splits,
         }
+    }
+
+    /// Whether the adapter path runs through hi/lo splits (fp32-accurate): bf16 weights,
+    /// the fused LoRA op, and [`LoraPrecision::Fp32`].
+    fn uses_splits(&self) -> bool {
+        self.lora_precision == LoraPrecision::Fp32
+            && self.fusion.lora_linear
+            && self.weights.embed_tokens.dtype() == DType::BF16
+    }
+
+    /// Layer `i`'s adapter splits when [`Decoder::uses_splits`], made for one pass over it.
+    fn splits(&self, i: usize) -> Result<Option<LayerSplits>> {
+        if !self.uses_splits() {
+            return Ok(None);
+        }
+        Ok(Some(layer_splits(&self.lora.layers[i])?))
     }
 
     /// Seed the LoRA dropout masks of optimizer step `step` of a run seeded `run_seed`, and
@@ -216,8 +237,9 @@ impl Decoder {
         let ctx = self.ctx(batch)?;
         let mut x = self.embed(batch)?;
         for i in 0..self.spec.layers {
+            let splits = self.splits(i)?;
             x = self
-                .layer(i)
+                .layer(i, splits.as_ref())
                 .forward(&self.lora.layers[i], &x, &ctx, false)?
                 .0;
         }
@@ -257,8 +279,12 @@ impl Decoder {
     /// (the non-ignored targets of every micro-batch of the step) and the LoRA gradients
     /// are accumulated onto what is there.
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
-        self.lora
-            .set_compute_copies(self.weights.embed_tokens.dtype())?;
+        // With splits the fused op reads the fp32 masters and each layer's splits; the
+        // bf16 copies would only serve the other paths, which cast on their own.
+        if !self.uses_splits() {
+            self.lora
+                .set_compute_copies(self.weights.embed_tokens.dtype())?;
+        }
         let out = self.run_forward_backward(batch, num_items);
         self.lora.clear_compute_copies();
         out
@@ -275,11 +301,30 @@ impl Decoder {
         self.micro_batch += 1;
         let (seed, spec, weights, fusion) =
             (self.dropout_seed, &self.spec, &self.weights, self.fusion);
-        let layer = |i: usize| Layer {
-            spec,
-            w: &weights.layers[i],
-            fusion,
-            dropout: LayerDropout::new(p, seed, micro_batch, i),
+        let with_splits = self.uses_splits();
+        fn layer<'a>(
+            spec: &'a DecoderSpec,
+            weights: &'a ModelWeights,
+            fusion: Fusion,
+            dropout: Option<LayerDropout>,
+            i: usize,
+            splits: Option<&'a LayerSplits>,
+        ) -> Layer<'a> {
+            Layer {
+                spec,
+                w: &weights.layers[i],
+                fusion,
+                dropout,
+                splits,
+            }
+        }
+        let dropout = |i: usize| LayerDropout::new(p, seed, micro_batch, i);
+        let splits_of = |lora: &LayerLora| -> Result<Option<LayerSplits>> {
+            Ok(if with_splits {
+                Some(layer_splits(lora)?)
+            } else {
+                None
+            })
         };
         let ctx = self.ctx(batch)?;
         // Inputs of every layer (the checkpoints), and everything else unless recomputing.
@@ -289,7 +334,9 @@ impl Decoder {
         let mut saved = Vec::with_capacity(self.spec.layers);
         for i in 0..self.spec.layers {
             let x = inputs[i].as_ref().expect("layer input");
-            let (out, s) = layer(i).forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
+            let splits = splits_of(&self.lora.layers[i])?;
+            let l = layer(spec, weights, fusion, dropout(i), i, splits.as_ref());
+            let (out, s) = l.forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
             saved.push(s);
             inputs.push(Some(out));
             if i == 0 && self.checkpointing {
@@ -326,7 +373,8 @@ impl Decoder {
         )?;
         drop(last);
         for i in (0..self.spec.layers).rev() {
-            let layer = layer(i);
+            let splits = splits_of(&self.lora.layers[i])?;
+            let layer = layer(spec, weights, fusion, dropout(i), i, splits.as_ref());
             let x = match inputs.pop().flatten() {
                 Some(x) => x,
                 None => self.embed(batch)?,

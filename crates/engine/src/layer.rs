@@ -38,7 +38,7 @@ use crate::fusion::Fusion;
 use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
-use crate::lora::LayerLora;
+use crate::lora::{LayerLora, LayerSplits};
 use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 
@@ -81,6 +81,10 @@ pub struct Layer<'a> {
     pub fusion: Fusion,
     /// LoRA dropout of this training micro-batch; None in evaluation and when p = 0.
     pub dropout: Option<LayerDropout>,
+    /// The layer's adapters as hi/lo splits: the fused LoRA op then computes the adapter
+    /// path fp32-accurately ([`crate::lora::LoraPrecision::Fp32`]). Only with the fused
+    /// LoRA op (the plain composition has its own rounding).
+    pub splits: Option<&'a LayerSplits>,
 }
 
 fn norm(spec: &DecoderSpec) -> RmsNorm {
@@ -91,6 +95,10 @@ fn norm(spec: &DecoderSpec) -> RmsNorm {
 }
 
 impl Layer<'_> {
+    fn split(&self, p: Proj) -> Option<&tigon_kernels::ops::lora_split::LoraSplit> {
+        self.splits.and_then(|s| s[p as usize].as_ref())
+    }
+
     fn attention(&self) -> Attention {
         let s = self.spec;
         Attention {
@@ -113,7 +121,7 @@ impl Layer<'_> {
         };
         match &lora[p as usize] {
             Some(l) => {
-                let layer = l.on(w, bias);
+                let layer = l.on_split(w, bias, self.split(p));
                 let out = match &self.dropout {
                     Some(d) => {
                         let x_d = d.adapter_input(p, x)?;
@@ -145,7 +153,8 @@ impl Layer<'_> {
         let w = self.w.projection(p);
         match (&mut lora[p as usize], xa) {
             (Some(l), Some(xa)) => {
-                let (layer, da, db) = l.on_with_grads(w, None);
+                let (mut layer, da, db) = l.on_with_grads(w, None);
+                layer.split = self.split(p);
                 if let Some(d) = &self.dropout {
                     let x_d = d.adapter_input(p, x)?;
                     self.fusion
@@ -177,7 +186,8 @@ impl Layer<'_> {
             let w = self.w.projection(p);
             match (&mut lora[p as usize], xa) {
                 (Some(l), Some(xa)) => {
-                    let (layer, da, db) = l.on_with_grads(w, None);
+                    let (mut layer, da, db) = l.on_with_grads(w, None);
+                    layer.split = self.split(p);
                     lora_linear_backward_accumulate(&layer, dy, x, xa, da, db, acc)?;
                 }
                 _ => matmul_into(dy, false, w, false, acc, 1.0, 1.0)?,
@@ -202,7 +212,8 @@ impl Layer<'_> {
         let w = self.w.projection(Proj::Down);
         match (&mut lora[Proj::Down as usize], xa) {
             (Some(l), Some(xa)) => {
-                let (layer, da, db) = l.on_with_grads(w, None);
+                let (mut layer, da, db) = l.on_with_grads(w, None);
+                layer.split = self.split(Proj::Down);
                 if let Some(d) = &self.dropout {
                     let act_d = d.adapter_input(Proj::Down, &act)?;
                     drop(act);
@@ -332,7 +343,8 @@ impl Layer<'_> {
         } else {
             let xa_d = match &lora[Proj::Down as usize] {
                 Some(l) => {
-                    let layer = l.on(self.w.projection(Proj::Down), None);
+                    let layer =
+                        l.on_split(self.w.projection(Proj::Down), None, self.split(Proj::Down));
                     Some(match &self.dropout {
                         Some(d) => lora_linear_xa(&layer, &d.adapter_input(Proj::Down, &act)?)?,
                         None => lora_linear_xa(&layer, &act)?,

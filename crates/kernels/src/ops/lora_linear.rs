@@ -13,7 +13,13 @@
 //! bf16-input GEMMs with fp32 outputs, accumulated into the caller's fp32 buffers so that
 //! micro-batches add up without a separate add.
 //!
-//! Rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once:
+//! With [`LoraLinear::split`] (bf16 x; what the engine uses by default), the four rank-r
+//! products are computed to fp32 accuracy, as PEFT's fp32 adapter path over a bf16 base is,
+//! through bf16 hi/lo splits of A, B and the rank-r activations ([`crate::ops::lora_split`]):
+//! `y = bf16(bf16(x W^T + bias) + s xa B^T)` with `xa` and `s xa B^T` fp32-accurate, dA and dB
+//! fp32-accurate, `dx = bf16(bf16(dy W) + dxa A)`; the saved `xa` is then the `[.., 3r]` split.
+//!
+//! Without a split, rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once:
 //! `y = bf16(bf16(x W^T + bias) + s xa B^T)`, `dx = bf16(bf16(dy W) + dxa A)`, and
 //! `dxa = s dy B` is a bf16 intermediate. The CPU reference is the same composition through the CPU GEMM,
 //! so it rounds at exactly the same places.
@@ -27,6 +33,9 @@ use crate::cuda::{Gpu, KernelSource};
 use crate::error::{KernelError, Result};
 use crate::ops::eager::{self, BinaryOp, Broadcast, UnaryOp};
 use crate::ops::elementwise::cast;
+use crate::ops::lora_split::{
+    split_adapter_grads, split_dxa, split_input_grad_into, split_update_into, split_xa, LoraSplit,
+};
 use crate::ops::matmul::{matmul, matmul_into};
 use crate::rng::Rng;
 use crate::{launch, DType, Device, Tensor};
@@ -48,12 +57,24 @@ pub struct LoraLinear<'a> {
     pub b: &'a Tensor,
     /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA), as the caller chooses.
     pub scaling: f32,
+    /// A and B as bf16 hi/lo splits: with bf16 x the fused ops then compute the adapter
+    /// path fp32-accurately and save `xa` as its `[.., 3r]` split. Ignored for f32 x and by
+    /// the unfused compositions.
+    pub split: Option<&'a LoraSplit>,
+}
+
+impl<'a> LoraLinear<'a> {
+    /// The split to use for input dtype `dt`, if any.
+    fn split_for(&self, dt: DType) -> Option<&'a LoraSplit> {
+        self.split.filter(|_| dt == DType::BF16)
+    }
 }
 
 pub struct LoraForward {
     /// `[.., out]`, x's dtype.
     pub y: Tensor,
-    /// `x_d A^T`, `[.., r]`, x's dtype: all the backward needs besides x_d.
+    /// `x_d A^T`, `[.., r]`, x's dtype (`[.., 3r]`, its split, with [`LoraLinear::split`]):
+    /// all the backward needs besides x_d.
     pub xa: Tensor,
 }
 
@@ -96,6 +117,11 @@ fn check_layer(layer: &LoraLinear, x: &Tensor) -> Result<Dims> {
     }
     expect_shape(OP, "a", layer.a, &[r, inp])?;
     expect_shape(OP, "b", layer.b, &[out, r])?;
+    if let Some(sp) = layer.split {
+        expect_dtype(OP, "a3", &sp.a3, &[DType::BF16])?;
+        expect_shape(OP, "a3", &sp.a3, &[3 * r, inp])?;
+        expect_shape(OP, "b3", &sp.b3, &[out, 3 * r])?;
+    }
     if let Some(bias) = layer.bias {
         expect_dtype(OP, "bias", bias, &[x.dtype()])?;
         expect_shape(OP, "bias", bias, &[out])?;
@@ -184,19 +210,32 @@ pub fn lora_linear_forward(
 ) -> Result<LoraForward> {
     let (d, gpu) = check_forward(layer, x, x_lora)?;
     let dt = x.dtype();
+    let y_shape = with_last(x, d.out);
+    let base = |y: &mut Option<Tensor>| -> Result<()> {
+        let (mut t, beta) = match layer.bias {
+            // The base GEMM adds onto the bias rows: x W^T + bias rounded once, as F.linear.
+            Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
+            None => (output(&gpu, &y_shape, dt)?, 0.0),
+        };
+        matmul_into(x, false, layer.w, true, &mut t, 1.0, beta)?;
+        *y = Some(t);
+        Ok(())
+    };
+    let mut y = None;
+    if let Some(sp) = layer.split_for(dt) {
+        let xa = split_xa(x_lora.unwrap_or(x), sp)?;
+        base(&mut y)?;
+        let mut y = y.expect("base output");
+        split_update_into(&xa, sp, &mut y, layer.scaling, 1.0)?;
+        return Ok(LoraForward { y, xa });
+    }
     let (mut a_slot, mut b_slot) = (None, None);
     let a = as_dtype(layer.a, dt, &mut a_slot)?;
     let b = as_dtype(layer.b, dt, &mut b_slot)?;
-
     let mut xa = output(&gpu, &with_last(x, d.r), dt)?;
     matmul_into(x_lora.unwrap_or(x), false, a, true, &mut xa, 1.0, 0.0)?;
-    let y_shape = with_last(x, d.out);
-    let (mut y, beta) = match layer.bias {
-        // The base GEMM adds onto the bias rows: x W^T + bias rounded once, as F.linear.
-        Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
-        None => (output(&gpu, &y_shape, dt)?, 0.0),
-    };
-    matmul_into(x, false, layer.w, true, &mut y, 1.0, beta)?;
+    base(&mut y)?;
+    let mut y = y.expect("base output");
     matmul_into(&xa, false, b, true, &mut y, layer.scaling, 1.0)?;
     Ok(LoraForward { y, xa })
 }
@@ -238,6 +277,9 @@ fn backward_adapter(
     let (d, gpu) = check_backward(layer, dy, x, xa, da, db)?;
     let dt = x.dtype();
     let s = layer.scaling;
+    if let Some(sp) = layer.split_for(dt) {
+        return Ok((split_adapter_grads(dy, x, xa, sp, da, db, s)?, gpu));
+    }
     matmul_into(dy, true, xa, false, db, s, 1.0)?;
     let mut dxa = output(&gpu, &with_last(x, d.r), dt)?;
     {
@@ -257,6 +299,10 @@ fn input_grad_into(
     dx: &mut Tensor,
     beta: f32,
 ) -> Result<()> {
+    if let Some(sp) = layer.split_for(dy.dtype()) {
+        matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
+        return split_input_grad_into(dxa, sp, dx, 1.0);
+    }
     let mut a_slot = None;
     let a = as_dtype(layer.a, dy.dtype(), &mut a_slot)?;
     matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
@@ -290,6 +336,9 @@ pub fn lora_linear_xa(layer: &LoraLinear, x: &Tensor) -> Result<Tensor> {
     let d = check_layer(layer, x)?;
     let gpu = common_gpu(OP, &[("x", x), ("a", layer.a)])?;
     let dt = x.dtype();
+    if let Some(sp) = layer.split_for(dt) {
+        return split_xa(x, sp);
+    }
     let mut a_slot = None;
     let a = as_dtype(layer.a, dt, &mut a_slot)?;
     let mut xa = output(&gpu, &with_last(x, d.r), dt)?;
@@ -303,6 +352,12 @@ pub fn lora_linear_xa(layer: &LoraLinear, x: &Tensor) -> Result<Tensor> {
 pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor> {
     let (r, inp, gpu) = check_backward_dx(layer, dy)?;
     let dt = dy.dtype();
+    if let Some(sp) = layer.split_for(dt) {
+        let d3 = split_dxa(dy, sp, layer.scaling)?;
+        let mut dx = output(&gpu, &with_last(dy, inp), dt)?;
+        input_grad_into(layer, dy, &d3, &mut dx, 0.0)?;
+        return Ok(dx);
+    }
     let mut b_slot = None;
     let b = as_dtype(layer.b, dt, &mut b_slot)?;
     let lead = &dy.shape()[..dy.shape().len() - 1];
@@ -327,7 +382,12 @@ fn check_backward(
     expect_dtype(OP, "dy", dy, &[dt])?;
     expect_shape(OP, "dy", dy, &with_last(x, d.out))?;
     expect_dtype(OP, "xa", xa, &[dt])?;
-    expect_shape(OP, "xa", xa, &with_last(x, d.r))?;
+    let xa_cols = if layer.split_for(dt).is_some() {
+        3 * d.r
+    } else {
+        d.r
+    };
+    expect_shape(OP, "xa", xa, &with_last(x, xa_cols))?;
     expect_dtype(OP, "da", da, &[DType::F32])?;
     expect_shape(OP, "da", da, &[d.r, d.inp])?;
     expect_dtype(OP, "db", db, &[DType::F32])?;
@@ -631,6 +691,7 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
         a: &a,
         b: &b,
         scaling,
+        split: None,
     };
     let glayer = LoraLinear {
         w: &gw,
@@ -638,6 +699,7 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
         a: &ga,
         b: &gb,
         scaling,
+        split: None,
     };
     let case = format!(
         "{dt} n={n} {inp}->{out} r={r} ab={}{}{} ({})",
@@ -819,6 +881,99 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     for c in &cases {
         lines.extend(check_case(gpu, rng, c)?);
     }
+    for (n, inp, out, r, bias, what) in [
+        (129, 260, 190, 16, true, "odd, bias"),
+        (300, 4096, 14336, 16, false, "Llama-3-8B gate/up"),
+        (300, 14336, 4096, 16, false, "Llama-3-8B down"),
+        (300, 4096, 1024, 64, true, "Llama-3-8B k/v"),
+    ] {
+        lines.extend(check_split_case(gpu, rng, n, inp, out, r, bias, what)?);
+    }
+    Ok(lines)
+}
+
+/// The fp32-accurate path ([`LoraLinear::split`], bf16 x, f32 A and B): every fused entry
+/// point on the GPU against the same on the CPU. dA and dB are fp32-accurate on both
+/// sides (held to 1e-3: the split of `s dy B` may round its low part differently where
+/// the two sum in different orders); y, xa's split and dx are bf16 outputs.
+#[allow(clippy::too_many_arguments)]
+fn check_split_case(
+    gpu: &Arc<Gpu>,
+    rng: &mut Rng,
+    n: usize,
+    inp: usize,
+    out: usize,
+    r: usize,
+    with_bias: bool,
+    what: &str,
+) -> Result<Vec<CheckLine>> {
+    let (bf, f32_) = (DType::BF16, DType::F32);
+    let dev = Device::Cuda(gpu.clone());
+    let (x, gx) = random_pair_par(gpu, rng, &[n, inp], bf, 1.0)?;
+    let (w, gw) = random_pair_par(gpu, rng, &[out, inp], bf, 1.0 / (inp as f32).sqrt())?;
+    let (a, ga) = random_pair(gpu, rng, &[r, inp], f32_, 1.0 / (inp as f32).sqrt())?;
+    let (b, gb) = random_pair(gpu, rng, &[out, r], f32_, 1.0 / (r as f32).sqrt())?;
+    let (dy, gdy) = random_pair_par(gpu, rng, &[n, out], bf, 1.0)?;
+    let (bias, gbias) = random_pair(gpu, rng, &[out], bf, 1.0)?;
+    let sp = LoraSplit::many(&[(&a, &b)])?.pop().expect("one split");
+    let gsp = LoraSplit::many(&[(&ga, &gb)])?.pop().expect("one split");
+    let layer = LoraLinear {
+        w: &w,
+        bias: with_bias.then_some(&bias),
+        a: &a,
+        b: &b,
+        scaling: 2.0,
+        split: Some(&sp),
+    };
+    let glayer = LoraLinear {
+        w: &gw,
+        bias: with_bias.then_some(&gbias),
+        a: &ga,
+        b: &gb,
+        scaling: 2.0,
+        split: Some(&gsp),
+    };
+    let case = format!(
+        "bf16 n={n} {inp}->{out} r={r}{} split ({what})",
+        if with_bias { " bias" } else { "" }
+    );
+    let f = lora_linear_forward(&layer, &x, None)?;
+    let gf = lora_linear_forward(&glayer, &gx, None)?;
+    let mut lines = vec![
+        compare(OP, &case, "y", &gf.y, &f.y)?,
+        compare(OP, &case, "xa", &gf.xa, &f.xa)?,
+        compare(
+            OP,
+            &case,
+            "xa(alone)",
+            &lora_linear_xa(&glayer, &gx)?,
+            &f.xa,
+        )?,
+    ];
+    let ref_xa = f.xa.to_device(&dev)?;
+    let mut da = Tensor::zeros(&[r, inp], f32_, &Device::Cpu)?;
+    let mut db = Tensor::zeros(&[out, r], f32_, &Device::Cpu)?;
+    let mut gda = Tensor::zeros(&[r, inp], f32_, &dev)?;
+    let mut gdb = Tensor::zeros(&[out, r], f32_, &dev)?;
+    let dx = lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true)?.expect("dx");
+    let gdx =
+        lora_linear_backward(&glayer, &gdy, &gx, &ref_xa, &mut gda, &mut gdb, true)?.expect("dx");
+    lines.push(compare(OP, &case, "dx", &gdx, &dx)?);
+    lines.push(da_line(&case, "dA", &gda, &da, bf)?);
+    lines.push(da_line(&case, "dB", &gdb, &db, bf)?);
+    lines.push(compare(
+        OP,
+        &case,
+        "dx(alone)",
+        &lora_linear_backward_dx(&glayer, &gdy)?,
+        &dx,
+    )?);
+    let mut acc = Tensor::zeros(&[n, inp], bf, &dev)?;
+    let mut ada = Tensor::zeros(&[r, inp], f32_, &dev)?;
+    let mut adb = Tensor::zeros(&[out, r], f32_, &dev)?;
+    lora_linear_backward_accumulate(&glayer, &gdy, &gx, &ref_xa, &mut ada, &mut adb, &mut acc)?;
+    lines.push(compare(OP, &case, "dx(accumulated)", &acc, &dx)?);
+    lines.push(da_line(&case, "dA(accumulated)", &ada, &da, bf)?);
     Ok(lines)
 }
 
@@ -849,6 +1004,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             a: &a,
             b: &b,
             scaling: 2.0,
+            split: None,
         };
         let (nf, i, o, rf) = (n as f64, inp as f64, out as f64, r as f64);
         // Forward x W^T and backward dy W (no dW), plus the six rank-r products.
@@ -901,6 +1057,124 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With a split (bf16 x, f32 A and B), every fused entry point is the lora_split
+    /// composition, its rank-r products fp32-accurate: dA and dB within 2e-5 of f64 math on
+    /// the same bf16 inputs, where the plain bf16 path is ~1e-3 off.
+    #[test]
+    fn split_path_gives_fp32_accurate_adapter_gradients() {
+        let (n, inp, out, r, s) = (40, 96, 72, 8, 1.5f32);
+        let mut rng = Rng::new(21);
+        let bf = |v: Vec<f32>, shape: &[usize]| Tensor::from_f32_as(shape, v, DType::BF16).unwrap();
+        let x = bf(rng.normal_vec(n * inp, 1.0), &[n, inp]);
+        let w = bf(rng.normal_vec(out * inp, 0.1), &[out, inp]);
+        let dy = bf(rng.normal_vec(n * out, 1.0), &[n, out]);
+        let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.1)).unwrap();
+        let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.1)).unwrap();
+        let sp = LoraSplit::many(&[(&a, &b)]).unwrap().pop().unwrap();
+        let grads = |split: Option<&LoraSplit>| {
+            let layer = LoraLinear {
+                w: &w,
+                bias: None,
+                a: &a,
+                b: &b,
+                scaling: s,
+                split,
+            };
+            let f = lora_linear_forward(&layer, &x, None).unwrap();
+            let mut da = Tensor::zeros(&[r, inp], DType::F32, &Device::Cpu).unwrap();
+            let mut db = Tensor::zeros(&[out, r], DType::F32, &Device::Cpu).unwrap();
+            let dx = lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true).unwrap();
+            let dx_alone = lora_linear_backward_dx(&layer, &dy).unwrap();
+            assert_eq!(
+                dx.unwrap().to_f32_vec().unwrap(),
+                dx_alone.to_f32_vec().unwrap()
+            );
+            let xa = lora_linear_xa(&layer, &x).unwrap();
+            assert_eq!(xa.to_f32_vec().unwrap(), f.xa.to_f32_vec().unwrap());
+            (
+                f.xa.shape().to_vec(),
+                da.to_f32_vec().unwrap(),
+                db.to_f32_vec().unwrap(),
+            )
+        };
+        let (xv, dyv, av, bv) = (
+            x.to_f32_vec().unwrap(),
+            dy.to_f32_vec().unwrap(),
+            a.to_f32_vec().unwrap(),
+            b.to_f32_vec().unwrap(),
+        );
+        let xa: Vec<f64> = (0..n * r)
+            .map(|e| {
+                (0..inp)
+                    .map(|i| xv[e / r * inp + i] as f64 * av[e % r * inp + i] as f64)
+                    .sum()
+            })
+            .collect();
+        let dxa: Vec<f64> = (0..n * r)
+            .map(|e| {
+                s as f64
+                    * (0..out)
+                        .map(|o| dyv[e / r * out + o] as f64 * bv[o * r + e % r] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let db_want: Vec<f64> = (0..out * r)
+            .map(|e| {
+                s as f64
+                    * (0..n)
+                        .map(|t| dyv[t * out + e / r] as f64 * xa[t * r + e % r])
+                        .sum::<f64>()
+            })
+            .collect();
+        let da_want: Vec<f64> = (0..r * inp)
+            .map(|e| {
+                (0..n)
+                    .map(|t| dxa[t * r + e / inp] * xv[t * inp + e % inp] as f64)
+                    .sum()
+            })
+            .collect();
+        let rel = |g: &[f32], w: &[f64]| {
+            let num: f64 = g.iter().zip(w).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+            (num / w.iter().map(|b| b * b).sum::<f64>()).sqrt()
+        };
+        let (shape, da, db) = grads(Some(&sp));
+        assert_eq!(shape, [n, 3 * r]);
+        assert!(
+            rel(&da, &da_want) < 2e-5,
+            "split dA {:e}",
+            rel(&da, &da_want)
+        );
+        assert!(
+            rel(&db, &db_want) < 2e-5,
+            "split dB {:e}",
+            rel(&db, &db_want)
+        );
+        let (shape, da, db) = grads(None);
+        assert_eq!(shape, [n, r]);
+        assert!(rel(&da, &da_want) > 5e-4 && rel(&db, &db_want) > 5e-4);
+        // A split of the wrong rank is an error naming the op.
+        let other = LoraSplit::many(&[(
+            &Tensor::from_f32(&[r + 1, inp], vec![0.0; (r + 1) * inp]).unwrap(),
+            &Tensor::from_f32(&[out, r + 1], vec![0.0; out * (r + 1)]).unwrap(),
+        )])
+        .unwrap()
+        .pop()
+        .unwrap();
+        let bad = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: s,
+            split: Some(&other),
+        };
+        let e = lora_linear_forward(&bad, &x, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(OP) && e.contains("a3"), "{e}");
+    }
 
     fn f64s(v: &[f32]) -> Vec<f64> {
         v.iter().map(|&x| x as f64).collect()
@@ -976,6 +1250,7 @@ mod tests {
                 a: &a,
                 b: &b,
                 scaling: 1.5,
+                split: None,
             };
             let f = lora_linear_forward(&layer, &x, use_xl.then_some(&xl)).unwrap();
             assert_eq!(f.y.shape(), &[bsz, seq, out]);
@@ -1020,6 +1295,7 @@ mod tests {
             a: &a,
             b: &b,
             scaling: 0.5,
+            split: None,
         };
         let xa = lora_linear_forward(&layer, &x, None).unwrap().xa;
         let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
@@ -1074,6 +1350,7 @@ mod tests {
                 a: &a,
                 b: &b,
                 scaling: s as f32,
+                split: None,
             };
             let f = lora_linear_forward(&layer, &x, use_xl.then_some(&xdt)).unwrap();
             let dx = lora_linear_backward(&layer, &dy, &xdt, &f.xa, &mut da, &mut db, true)
@@ -1137,6 +1414,7 @@ mod tests {
             a: &a,
             b: &b,
             scaling: 2.0,
+            split: None,
         };
         let f = lora_linear_forward(&layer, &x, None).unwrap();
         assert_eq!((f.y.dtype(), f.xa.dtype()), (DType::BF16, DType::BF16));
@@ -1256,6 +1534,7 @@ mod tests {
             a: &bad_a,
             b: &b,
             scaling: 1.0,
+            split: None,
         };
         let e = lora_linear_forward(&layer, &x, None)
             .err()
@@ -1272,6 +1551,7 @@ mod tests {
             a: &a,
             b: &b,
             scaling: 1.0,
+            split: None,
         };
         let e = lora_linear_forward(&layer, &x, None)
             .err()
@@ -1284,6 +1564,7 @@ mod tests {
             a: &a,
             b: &b,
             scaling: 1.0,
+            split: None,
         };
         let f = lora_linear_forward(&layer, &x, None).unwrap();
         let dy = t(&[4, 5]);
