@@ -19,6 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
+use tigon_engine::lora::LoraPrecision;
 use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState};
 use tigon_kernels::cuda::timing::Mark;
 use tigon_kernels::ops::adamw::AdamW;
@@ -55,6 +56,9 @@ pub struct BenchTrainArgs {
     /// linear_cross_entropy, lora_linear, adamw.
     #[arg(long, default_value = "all")]
     fusion: Fusion,
+    /// The adapter path over the bf16 base: `fp32` (default, as PEFT computes it) or `bf16`.
+    #[arg(long, default_value = "fp32")]
+    lora_precision: LoraPrecision,
     /// Start from this PEFT adapter folder instead of a new adapter (same start as the
     /// Python side).
     #[arg(long)]
@@ -342,6 +346,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
         "seq": batches.seq,
         "checkpointing": args.checkpointing,
         "fusion": args.fusion.to_string(),
+        "lora_precision": args.lora_precision.to_string(),
         "gpu": gpu.as_ref().map(|g| g.name().to_string()).unwrap_or_else(|| "cpu".into()),
         "date": utc_date(),
         "warmup": args.warmup,
@@ -404,6 +409,7 @@ fn run(
     let mut decoder = Decoder::new(weights, lora)?;
     decoder.checkpointing = args.checkpointing;
     decoder.fusion = args.fusion;
+    decoder.lora_precision = args.lora_precision;
     let load_s = t_load.elapsed().as_secs_f64();
     let all: Vec<Batch> = (0..args.warmup + args.steps)
         .map(|s| batches.batch(s))
