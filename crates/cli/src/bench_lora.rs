@@ -32,6 +32,7 @@ use tigon_kernels::cpu::par_rows;
 use tigon_kernels::ops::lora_linear::{
     lora_linear_backward, lora_linear_forward, lora_merge, lora_unmerge, LoraLinear,
 };
+use tigon_kernels::ops::lora_split::LoraSplit;
 use tigon_kernels::ops::matmul::matmul_into;
 use tigon_kernels::rng::Rng;
 use tigon_kernels::{DType, Device, Gpu, Tensor};
@@ -130,9 +131,9 @@ fn tflops(flops: f64, ms: f64) -> f64 {
 fn projections(gpu: &Arc<Gpu>, args: &BenchLoraArgs, config: &ModelConfig) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
     println!(
-        "{:<5} {:>13} {:>4} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>7}",
+        "{:<5} {:>13} {:>4} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>8} {:>8} {:>6} {:>8} {:>6} | {:>7} | {:>7} {:>7}",
         "proj", "in -> out", "r", "base ms", "lora ms", "ratio", "op ms", "over",
-        "bwd base", "bwd lora", "ratio", "bwd op", "over", "lora TF/s"
+        "bwd base", "bwd lora", "ratio", "bwd op", "over", "lora TF/s", "fp32 fw", "fp32 bw"
     );
     for (pi, p) in Projection::ALL.into_iter().enumerate() {
         // A failure in one projection is reported and the others still run.
@@ -221,8 +222,25 @@ fn projection(
                 lora_linear_backward(&layer, &dy, &x, &saved.xa, &mut da, &mut db, true).map(drop)
             })?;
             drop(saved);
+            // The same op with the fp32-accurate adapter path (the engine's default over a
+            // bf16 base): A and B split once, as the engine does per layer pass.
+            let split = LoraSplit::many(&[(&a32, &b32)])?
+                .pop()
+                .expect("one adapter, one split");
+            let exact = LoraLinear {
+                split: Some(&split),
+                ..layer
+            };
+            let exact_fwd = ms_of(gpu, args, || {
+                lora_linear_forward(&exact, &x, None).map(drop)
+            })?;
+            let saved = lora_linear_forward(&exact, &x, None)?;
+            let exact_bwd = ms_of(gpu, args, || {
+                lora_linear_backward(&exact, &dy, &x, &saved.xa, &mut da, &mut db, true).map(drop)
+            })?;
+            drop(saved);
             println!(
-                "{:<5} {:>13} {:>4} | {:>8.3} {:>8.3} {:>5.1}% {:>8.3} {:>5.1}% | {:>8.3} {:>8.3} {:>5.1}% {:>8.3} {:>5.1}% | {:>7.1}",
+                "{:<5} {:>13} {:>4} | {:>8.3} {:>8.3} {:>5.1}% {:>8.3} {:>5.1}% | {:>8.3} {:>8.3} {:>5.1}% {:>8.3} {:>5.1}% | {:>7.1} | {:>6.1}% {:>6.1}%",
                 p.name().trim_end_matches("_proj"),
                 format!("{inp} -> {out}"),
                 r,
@@ -237,6 +255,8 @@ fn projection(
                 op_bwd,
                 100.0 * (op_bwd / base_bwd - 1.0),
                 tflops(lora_fwd_flops, lora_fwd),
+                100.0 * (exact_fwd / base_fwd - 1.0),
+                100.0 * (exact_bwd / base_bwd - 1.0),
             );
             rows.push(json!({
                 "projection": p.name(), "in": inp, "out": out, "r": r, "tokens": n,
@@ -244,6 +264,9 @@ fn projection(
                 "base_bwd_ms": base_bwd, "adapter_bwd_ms": lora_bwd, "op_bwd_ms": op_bwd,
                 "fwd_ratio": lora_fwd / base_fwd, "bwd_ratio": lora_bwd / base_bwd,
                 "op_fwd_overhead": op_fwd / base_fwd - 1.0, "op_bwd_overhead": op_bwd / base_bwd - 1.0,
+                "op_fp32_fwd_ms": exact_fwd, "op_fp32_bwd_ms": exact_bwd,
+                "op_fp32_fwd_overhead": exact_fwd / base_fwd - 1.0,
+                "op_fp32_bwd_overhead": exact_bwd / base_bwd - 1.0,
                 "base_flops": base_flops, "adapter_fwd_flops": lora_fwd_flops,
                 "adapter_bwd_flops": lora_bwd_flops,
                 "flop_ratio": lora_fwd_flops / base_flops,
