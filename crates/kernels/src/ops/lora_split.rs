@@ -190,6 +190,57 @@ pub fn fold3_into(
     }
 }
 
+/// [`fold3_into`]`(dst, t, rows, cols, [0, 1], fold_scale)` and
+/// [`split3`]`(q, n, 3, r, &[0, 2], split_scale, HiHiLo)` (returned, shaped `d3_shape`) in
+/// one launch on the GPU: the backward's dB fold and dxa split, which are independent.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_and_split(
+    dst: &mut Tensor,
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    fold_scale: f32,
+    q: &Tensor,
+    split_rows: usize,
+    split_cols: usize,
+    split_scale: f32,
+    d3_shape: &[usize],
+) -> Result<Tensor> {
+    let Some(gpu) = common_gpu(OP, &[("dst", dst), ("t", t), ("q", q)])? else {
+        fold3_into(dst, t, rows, cols, [0, 1], fold_scale)?;
+        return split3(
+            q,
+            split_rows,
+            3,
+            split_cols,
+            &[0, 2],
+            split_scale,
+            Parts3::HiHiLo,
+            d3_shape,
+        );
+    };
+    expect_dtype(OP, "dst", dst, &[DType::F32])?;
+    expect_dtype(OP, "t", t, &[DType::F32])?;
+    expect_dtype(OP, "q", q, &[DType::F32])?;
+    check_view("dst", dst, rows, 1, cols)?;
+    check_view("t", t, rows, 3, cols)?;
+    check_view("q", q, split_rows, 3, split_cols)?;
+    if d3_shape.iter().product::<usize>() != split_rows * 3 * split_cols {
+        return Err(KernelError::shape(
+            OP,
+            format!("output shape {d3_shape:?} does not hold [{split_rows}, 3, {split_cols}]"),
+        ));
+    }
+    let d3 = Tensor::uninit_cuda(&gpu, d3_shape, DType::BF16)?;
+    let f = gpu.function(&SOURCE, "lora_fold_split")?;
+    let n = rows * cols + split_rows * split_cols;
+    let grid = n.div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
+    launch!(gpu, f, (grid, 1, 1), (256, 1, 1), 0;
+        dst.dptr(), t.dptr(), rows as i64, cols as i32, fold_scale,
+        q.dptr(), d3.dptr(), split_rows as i64, split_cols as i32, split_scale)?;
+    Ok(d3)
+}
+
 /// One tensor of [`split3_multi`]: f32 `src` split (no sum, no scale) into bf16 `dst`,
 /// both viewed as in [`split3`] with one source block.
 pub struct SplitJob<'a> {
@@ -395,9 +446,22 @@ pub fn split_adapter_grads(
     let out = db.shape()[0];
     // dy^T xa3 = [dy^T hi | dy^T lo | dy^T hi]: the first two blocks are dy^T xa.
     let t = matmul(dy, true, xa3, false, DType::F32)?;
-    fold3_into(db, &t, out, r, [0, 1], scale)?;
-    drop(t);
-    let d3 = split_dxa(dy, sp, scale)?;
+    // dy B3 = [dy B_hi | dy B_hi | dy B_lo]: blocks 0 and 2 are dy B (see split_dxa).
+    let q = matmul(dy, false, &sp.b3, false, DType::F32)?;
+    let n = q.elem_count() / (3 * r);
+    let d3 = fold_and_split(
+        db,
+        &t,
+        out,
+        r,
+        scale,
+        &q,
+        n,
+        r,
+        scale,
+        &with_last(dy.shape(), 3 * r),
+    )?;
+    drop((t, q));
     // d3^T x = [hi^T x; hi^T x; lo^T x] (row blocks of r x in): blocks 0 and 2 are dxa^T x.
     let t = matmul(&d3, true, x, false, DType::F32)?;
     fold3_into(da, &t, 1, r * sp.in_features(), [0, 2], 1.0)?;
@@ -463,6 +527,31 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         fold3_into(&mut got, &to_gpu(&src)?, rows, cols, sum, scale)?;
         let case = format!("[{rows}, 3, {cols}] {sum:?} x{scale}");
         lines.push(compare_with_tol(OP, &case, "fold", &got, &want, exact)?);
+    }
+    {
+        let (rows, cols, n, r) = (14336usize, 16usize, 3001usize, 16usize);
+        let t = Tensor::from_f32(&[rows, 3 * cols], rng.normal_vec(rows * 3 * cols, 1.0))?;
+        let q = Tensor::from_f32(&[n, 3 * r], rng.normal_vec(n * 3 * r, 1.0))?;
+        let dst = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0))?;
+        let (mut want, mut got) = (dst.to_cpu()?, to_gpu(&dst)?);
+        let d3_want = fold_and_split(&mut want, &t, rows, cols, 0.5, &q, n, r, 2.0, &[n, 3 * r])?;
+        let d3_got = fold_and_split(
+            &mut got,
+            &to_gpu(&t)?,
+            rows,
+            cols,
+            0.5,
+            &to_gpu(&q)?,
+            n,
+            r,
+            2.0,
+            &[n, 3 * r],
+        )?;
+        let case = format!("fold [{rows}, 3, {cols}] + split [{n}, 3, {r}]");
+        lines.push(compare_with_tol(OP, &case, "fold", &got, &want, exact)?);
+        lines.push(compare_with_tol(
+            OP, &case, "split", &d3_got, &d3_want, exact,
+        )?);
     }
     // The multi-tensor launch over an adapter's A ([r, in] split along rows) and B ([out, r]
     // along columns), several chunks each.
