@@ -117,6 +117,9 @@ pub struct TrainArgs {
     /// Recompute activations in the backward instead of keeping them.
     #[arg(long)]
     activation_checkpointing: Option<bool>,
+    /// The adapter path over a bf16 base: fp32 (as PEFT, the default) or bf16.
+    #[arg(long)]
+    lora_precision: Option<String>,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long)]
     save_every: Option<u64>,
@@ -196,6 +199,7 @@ impl TrainArgs {
             "activation_checkpointing",
             self.activation_checkpointing.map(Value::Boolean),
         );
+        put("lora_precision", string(&self.lora_precision));
         put("save_every", int(self.save_every));
         put("output", self.output.as_deref().map(path_value));
         put("device", string(&self.device));

@@ -34,6 +34,17 @@ impl From<DecayKind> for Decay {
     }
 }
 
+/// How the adapter path is computed over a bf16 base (the engine's `LoraPrecision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraPrecisionChoice {
+    /// Every rank-r product fp32-accurate, as PEFT computes fp32 adapters.
+    #[default]
+    Fp32,
+    /// A, B and the rank-r activations rounded to bf16 (fewer kernel launches).
+    Bf16,
+}
+
 /// Where to train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +114,8 @@ pub struct TrainConfig {
     pub use_rslora: bool,
     /// Keep only each layer's input in the forward and recompute the rest in the backward.
     pub activation_checkpointing: bool,
+    /// The adapter path over a bf16 base: "fp32" (as PEFT, the default) or "bf16".
+    pub lora_precision: LoraPrecisionChoice,
     /// Save a checkpoint every this many steps (0: only at the end).
     pub save_every: u64,
     /// Output folder: checkpoints, the final adapter, metrics.jsonl, loss.png.
@@ -144,6 +157,7 @@ impl Default for TrainConfig {
             target_modules: vec!["all-linear".into()],
             use_rslora: false,
             activation_checkpointing: false,
+            lora_precision: LoraPrecisionChoice::Fp32,
             save_every: 0,
             output: PathBuf::from("tigon-out"),
             device: DeviceChoice::Auto,
@@ -362,6 +376,32 @@ device = "cpu"
         assert!(e.starts_with(&format!("train.toml:{line}: ")), "{e}");
         assert!(e.contains("lrr"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn lora_precision_is_fp32_unless_asked_and_checked() {
+        assert_eq!(
+            TrainConfig::from_toml_str(EXAMPLE, "t.toml")
+                .unwrap()
+                .lora_precision,
+            LoraPrecisionChoice::Fp32
+        );
+        let text = format!("{EXAMPLE}lora_precision = \"bf16\"\n");
+        let c = TrainConfig::from_toml_str(&text, "t.toml").unwrap();
+        assert_eq!(c.lora_precision, LoraPrecisionChoice::Bf16);
+        let text = format!("{EXAMPLE}lora_precision = \"fp16\"\n");
+        let e = TrainConfig::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("lora_precision"))
+            .unwrap()
+            + 1;
+        assert!(
+            e.starts_with(&format!("t.toml:{line}: ")) && e.contains("fp16"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use tigon_engine::lora::LoraPrecision;
 use tigon_engine::schedule::Schedule;
 use tigon_engine::{Batch, Decoder, LoraState};
 use tigon_kernels::ops::adamw::AdamW;
@@ -19,7 +20,7 @@ use tigon_train::{
 };
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::{DeviceChoice, TrainConfig};
+use crate::config::{DeviceChoice, LoraPrecisionChoice, TrainConfig};
 use crate::error::{Result, TrainerError};
 use crate::metrics::{read_metrics, MetricsWriter, StepRecord, METRICS_FILE};
 use crate::plot::{plot_losses, PLOT_FILE};
@@ -271,6 +272,10 @@ pub fn train(
     ));
     let mut decoder = Decoder::new(weights, lora)?;
     decoder.checkpointing = cfg.activation_checkpointing;
+    decoder.lora_precision = match cfg.lora_precision {
+        LoraPrecisionChoice::Fp32 => LoraPrecision::Fp32,
+        LoraPrecisionChoice::Bf16 => LoraPrecision::Bf16,
+    };
 
     let metrics_path = out.join(METRICS_FILE);
     let (start, mut metrics, elapsed0) = match &state {
