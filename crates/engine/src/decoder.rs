@@ -141,6 +141,8 @@ pub struct Decoder {
     pub dropout_seed: u64,
     /// Micro-batches run since the seed was set: every one draws its own masks.
     micro_batch: u64,
+    /// Layer weight copies host -> device of the last [`Decoder::forward_backward`].
+    layer_copies: usize,
 }
 
 /// The result of one micro-batch: the loss stays on the device until asked for.
@@ -175,6 +177,7 @@ impl Decoder {
             fusion: Fusion::all(),
             dropout_seed: 0,
             micro_batch: 0,
+            layer_copies: 0,
         })
     }
 
@@ -200,6 +203,13 @@ impl Decoder {
     /// Whether the embedding table is on the host (asked for and untied).
     pub fn embedding_on_host(&self) -> bool {
         self.offload.as_ref().is_some_and(|o| o.embedding_on_host)
+    }
+
+    /// How many layers' weights the last [`Decoder::forward_backward`] copied from host
+    /// memory: two per streamed layer, less one when the last layer is streamed (its
+    /// forward copy serves its backward).
+    pub fn layer_copies(&self) -> usize {
+        self.layer_copies
     }
 
     /// The layers whose weights are streamed from host memory, ascending.
@@ -404,6 +414,7 @@ impl Decoder {
             dx = layer.backward(&mut self.lora.layers[i], dx, &x, s, &ctx)?;
             stream.give_back(i, w);
         }
+        self.layer_copies = stream.copies();
         Ok(StepLoss {
             loss: loss.loss,
             n_valid: loss.n_valid,

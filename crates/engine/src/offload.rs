@@ -331,6 +331,7 @@ impl<'w> LayerStream<'w> {
     }
 
     /// Streamed copies on the device now besides those handed out: 0 or 1 (the next).
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.next.is_some() as usize
     }
@@ -601,17 +602,24 @@ mod tests {
                 }
                 let (sum, n) = d.eval_loss(&batch).unwrap();
                 out.push(vec![sum as f32, n as f32]);
-                (out, d.embedding_on_host(), d.streamed_layers())
+                (
+                    out,
+                    d.embedding_on_host(),
+                    d.streamed_layers(),
+                    d.layer_copies(),
+                )
             };
             let tied = name == "tiny_qwen2";
             for ckpt in [false, true] {
                 let (reference, ..) = run(Offload::default(), ckpt);
                 for (embedding, layers) in [(true, 0), (false, 1), (true, 1), (true, 2)] {
                     let o = Offload { embedding, layers };
-                    let (got, on_host, streamed) = run(o, ckpt);
+                    let (got, on_host, streamed, copies) = run(o, ckpt);
                     assert!(got == reference, "{name}: {o:?}, checkpointing {ckpt}");
                     assert_eq!(on_host, embedding && !tied, "{name}: {o:?}");
                     assert_eq!(streamed.len(), layers);
+                    // Layer 1 (the last) is always streamed: its copy serves both passes.
+                    assert_eq!(copies, (2 * layers).saturating_sub(1), "{name}: {o:?}");
                 }
             }
         }
