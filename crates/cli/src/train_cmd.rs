@@ -117,6 +117,12 @@ pub struct TrainArgs {
     /// Recompute activations in the backward instead of keeping them.
     #[arg(long)]
     activation_checkpointing: Option<bool>,
+    /// CPU offload: the embedding table in host memory (untied models).
+    #[arg(long)]
+    offload_embedding: Option<bool>,
+    /// CPU offload: stream this many layers' weights from host memory.
+    #[arg(long)]
+    offload_layers: Option<usize>,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long)]
     save_every: Option<u64>,
@@ -196,6 +202,11 @@ impl TrainArgs {
             "activation_checkpointing",
             self.activation_checkpointing.map(Value::Boolean),
         );
+        put(
+            "offload_embedding",
+            self.offload_embedding.map(Value::Boolean),
+        );
+        put("offload_layers", size(self.offload_layers));
         put("save_every", int(self.save_every));
         put("output", self.output.as_deref().map(path_value));
         put("device", string(&self.device));
