@@ -278,7 +278,7 @@ fn layer_tensors_mut(w: &mut LayerWeights) -> Vec<&mut Tensor> {
 /// (freed, in stream order, when dropped).
 pub(crate) enum LayerRef<'w> {
     Resident(&'w LayerWeights),
-    Streamed(LayerWeights),
+    Streamed(Box<LayerWeights>),
 }
 
 impl LayerRef<'_> {
@@ -293,7 +293,7 @@ impl LayerRef<'_> {
 /// A copy on its way: on the GPU an upload in flight, on the CPU a finished clone.
 enum InFlight<'w> {
     Copying(Upload<'w>),
-    Ready(LayerWeights),
+    Ready(Box<LayerWeights>),
 }
 
 /// The weights of the layers of one pass, in the order the pass visits them. Taking a
@@ -346,15 +346,15 @@ impl<'w> LayerStream<'w> {
                     .into_iter()
                     .map(|t| t.to_device(&Device::Cpu))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
-                Ok(InFlight::Ready(rebuild(host, clones)))
+                Ok(InFlight::Ready(Box::new(rebuild(host, clones))))
             }
         }
     }
 
-    fn land(&self, i: usize, f: InFlight<'w>) -> Result<LayerWeights> {
+    fn land(&self, i: usize, f: InFlight<'w>) -> Result<Box<LayerWeights>> {
         match f {
             InFlight::Ready(w) => Ok(w),
-            InFlight::Copying(u) => Ok(rebuild(&self.weights[i], u.ready()?)),
+            InFlight::Copying(u) => Ok(Box::new(rebuild(&self.weights[i], u.ready()?))),
         }
     }
 
