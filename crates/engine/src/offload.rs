@@ -30,6 +30,9 @@ use tigon_model::{ModelConfig, ModelWeights};
 
 use crate::error::{EngineError, Result};
 
+/// Host tensors smaller than this are not page-locked (see [`OffloadState::new`]).
+const PIN_MIN_BYTES: usize = 1 << 20;
+
 /// What to keep in host memory instead of on the device (all off by default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offload {
@@ -204,7 +207,13 @@ impl OffloadState {
             for &i in &streamed_list {
                 host.extend(layer_tensors(&weights.layers[i]));
             }
-            for t in host {
+            // Only the large tensors (the projections): they sit in their own pages (big
+            // allocations are mapped separately), so registrations never share a page. The
+            // norms and biases are a few KiB; their copies stage through the driver.
+            for t in host
+                .into_iter()
+                .filter(|t| t.size_in_bytes() >= PIN_MIN_BYTES)
+            {
                 // SAFETY: the decoder owns the weights and drops its offload state (and so
                 // these pins) first; offloaded tensors are never replaced while it lives.
                 if let Some(p) = unsafe { gpu.pin_host(t) }? {

@@ -195,7 +195,8 @@ unsafe impl Send for HostPin {}
 unsafe impl Sync for HostPin {}
 
 impl Gpu {
-    /// Page-lock the memory of CPU tensor `tensor` (a no-op `None` for an empty one).
+    /// Page-lock the memory of CPU tensor `tensor`: `None` for an empty one, or one whose
+    /// pages are already page-locked by another registration.
     ///
     /// # Safety
     /// The tensor's memory must stay allocated, at the same address, until the returned
@@ -216,9 +217,16 @@ impl Gpu {
             return Ok(None);
         }
         self.bind()?;
-        sys::cuMemHostRegister_v2(ptr as *mut c_void, bytes, 0)
-            .result()
-            .call("cuMemHostRegister")?;
+        // The driver page-locks whole pages: a range sharing a page with one registered
+        // before is refused as already registered. Copies from it are still correct (staged
+        // through the driver's own pinned buffer), so that is no error: it stays pageable.
+        match sys::cuMemHostRegister_v2(ptr as *mut c_void, bytes, 0).result() {
+            Ok(()) => {}
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).call("cuMemHostRegister"),
+        }
         Ok(Some(HostPin {
             ptr,
             gpu: self.clone(),
