@@ -17,7 +17,11 @@ Per shape (Llama-3.2-1B at batch 4 x seq 2048, Llama-3-8B at batch 2 x seq 2048)
      (bf16, SDPA attention) and the saved adapter (fp32, trainable), then one
      torch.optim.AdamW(lr 1e-4, weight_decay 0.01 = torch's default, fused) step per batch,
      no clipping, labels = input_ids (transformers shifts them).
-  3. `tigon bench train` on the same folder, adapter and batches, checkpointing off and on.
+  3. `tigon bench train` on the same folder, adapter and batches, checkpointing off and on;
+     and for the shapes of --offload-shapes (default 8b) once more with checkpointing and CPU
+     offload (--offload-embedding --offload-layers N): a row with system "tigon" and an
+     `offload` object, shown as "tigon (ckpt+offload)", whose losses must be bitwise those
+     of the tigon checkpointing row (`losses_identical_to_tigon`).
 
 Timing, the same on both sides: the first --warmup steps are untimed (they train; their
 losses are kept); every later step (forward, backward, optimizer step, zeroing the grads)
@@ -319,9 +323,9 @@ def child_cmd(a, what, shape, extra):
             "--seed", str(a.seed)] + extra
 
 
-def run_variant(r, a, shape, system, ckpt):
+def run_variant(r, a, shape, system, ckpt, offload=False):
     spec, p = SHAPES[shape], paths(a.work, shape)
-    name = f"{shape}-{system}-{'ckpt' if ckpt else 'nockpt'}"
+    name = f"{shape}-{system}-{'ckpt' if ckpt else 'nockpt'}" + ("-offload" if offload else "")
     jpath = os.path.join(a.out, "logs", name + ".json")
     if os.path.exists(jpath):
         os.remove(jpath)
@@ -330,6 +334,8 @@ def run_variant(r, a, shape, system, ckpt):
                "--adapter", p["adapter"], "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--lr", str(a.lr), "--weight-decay", str(a.weight_decay),
                "--shape", spec["name"], "--json", jpath] + (["--checkpointing"] if ckpt else [])
+        if offload:
+            cmd += ["--offload-embedding", "--offload-layers", str(a.offload_layers)]
     else:
         cmd = child_cmd(a, "train", shape, ["--system", system, "--json", jpath]
                         + (["--ckpt"] if ckpt else []))
@@ -353,7 +359,27 @@ def run_variant(r, a, shape, system, ckpt):
     row.setdefault("date", today())
     for k in ("tok_s", "peak_gib", "mfu", "gpu"):
         row.setdefault(k, None)
+    if offload:  # tigon writes the resolved settings; keep the request when it did not run
+        row.setdefault("offload", dict(embedding=True, layers=a.offload_layers))
     return row
+
+
+def label(r):
+    """A tigon row with CPU offload is its own variant."""
+    if r["system"] == "tigon" and r.get("offload"):
+        return "tigon (ckpt+offload)" if r["checkpointing"] else "tigon (offload)"
+    return r["system"]
+
+
+def compare_offload(rows):
+    """Offload moves weights, not arithmetic: an offload row's losses must be bitwise those
+    of tigon's row with the same checkpointing setting."""
+    plain = {(r["shape"], r["checkpointing"]): r.get("losses") for r in rows
+             if r["system"] == "tigon" and not r.get("offload") and r.get("status") == "ok"}
+    for r in rows:
+        base = plain.get((r["shape"], r["checkpointing"]))
+        if r.get("offload") and r.get("status") == "ok" and base:
+            r["losses_identical_to_tigon"] = r.get("losses") == base
 
 
 def compare_losses(rows):
@@ -385,7 +411,7 @@ def print_table(rows):
     for r in rows:
         ok = r.get("status") == "ok"
         base = hf.get((r["shape"], r["checkpointing"]))
-        cells = [f"{r['shape']:<13}", f"{r['system']:<14}", f"{'on' if r['checkpointing'] else 'off':<4}"]
+        cells = [f"{r['shape']:<13}", f"{label(r):<14}", f"{'on' if r['checkpointing'] else 'off':<4}"]
         if ok:
             cells += [f"{r['tok_s']:>8.0f}",
                       f"{r['tok_s'] / base:>6.2f}" if base else f"{'-':>6}",
@@ -400,8 +426,15 @@ def print_table(rows):
         print(" ".join(cells))
     for r in rows:
         if r.get("status") == "ok" and r.get("losses"):
-            print(f"losses {r['shape']} {r['system']} ckpt={'on' if r['checkpointing'] else 'off'}: "
+            print(f"losses {r['shape']} {label(r)} ckpt={'on' if r['checkpointing'] else 'off'}: "
                   + " ".join(f"{x:.5f}" for x in r["losses"]))
+    for r in rows:
+        if "losses_identical_to_tigon" in r:
+            o = r["offload"]
+            print(f"offload {r['shape']}: embedding on the host {o.get('embedding_on_host')}, "
+                  f"streamed layers {o.get('streamed_layers')}, "
+                  f"{o.get('layer_copies_per_step')} layer copies per step; losses bitwise "
+                  f"tigon's: {'yes' if r['losses_identical_to_tigon'] else 'NO'}")
     print(f"loss match: |loss - hf-peft| <= 2^-9 |loss| at every step (half a bf16 step of the value)")
 
 
@@ -422,6 +455,10 @@ def main():
     ap.add_argument("--tigon", default=".gpu/tigon")
     ap.add_argument("--profile", action="store_true",
                     help="also run tigon once per shape with --profile (phase times) into $OUT/profile-<shape>.json")
+    ap.add_argument("--offload-shapes", default="8b",
+                    help="shapes that also get a tigon run with checkpointing + CPU offload ('' for none)")
+    ap.add_argument("--offload-layers", type=int, default=8,
+                    help="layers streamed from host memory in that run (with the embedding on the host)")
     ap.add_argument("--deadline", type=float, default=560.0,
                     help="seconds: variants not started by then are recorded as skipped")
     ap.add_argument("--variant-timeout", type=float, default=300.0)
@@ -464,6 +501,11 @@ def main():
                 rows.append(row)
                 with open(partial, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if system == "tigon" and shape in a.offload_shapes.split(",") and True in ckpts:
+                row = run_variant(r, a, shape, system, True, offload=True)
+                rows.append(row)
+                with open(partial, "a") as f:
+                    f.write(json.dumps(row) + "\n")
         if a.profile and "tigon" in systems:
             p = paths(a.work, shape)
             r.run(f"{shape}-tigon-profile",
@@ -473,6 +515,7 @@ def main():
                    "--shape", SHAPES[shape]["name"],
                    "--json", os.path.join(a.out, f"profile-{shape}.json")], a.variant_timeout)
     compare_losses(rows)
+    compare_offload(rows)
     gpus = {x["gpu"] for x in rows if x.get("gpu")}
     for x in rows:  # rows that never ran still name the machine
         if not x.get("gpu") and len(gpus) == 1:
@@ -485,7 +528,7 @@ def main():
     os.remove(partial)
     print(f"\n{len(rows)} rows in {out}; {time.time() - r.t0:.0f} s in all")
     print_table(rows)
-    bad = [x for x in rows if x.get("loss_match") is False]
+    bad = [x for x in rows if x.get("loss_match") is False or x.get("losses_identical_to_tigon") is False]
     return 1 if bad else 0
 
 

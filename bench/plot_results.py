@@ -51,14 +51,34 @@ def latest(rows):
     return [r for r in rows if (r.get("date") or "", r["_order"]) == best[(r.get("gpu"), r["shape"])]]
 
 
+def label(r):
+    """The system's name; tigon rows with CPU offload (an `offload` object) are their own
+    variant, "tigon (ckpt+offload)"."""
+    if r["system"] == "tigon" and r.get("offload"):
+        return "tigon (ckpt+offload)" if r["checkpointing"] else "tigon (offload)"
+    return r["system"]
+
+
 def variant(r):
-    return f"{r['system']} ckpt {'on' if r['checkpointing'] else 'off'}"
+    return f"{label(r)} ckpt {'on' if r['checkpointing'] else 'off'}"
 
 
 def sort_key(r):
-    """Shapes in the order the runs wrote them, then checkpointing off/on, then system."""
+    """Shapes in the order the runs wrote them, then checkpointing off/on, then system
+    (offload rows after plain tigon)."""
     s = ORDER.index(r["system"]) if r["system"] in ORDER else len(ORDER)
-    return (r["_shape_order"], r["checkpointing"], s)
+    return (r["_shape_order"], r["checkpointing"], s, bool(r.get("offload")))
+
+
+def offload_note(r):
+    """What an offload row kept on the host, for the table."""
+    o = r.get("offload") or {}
+    parts = []
+    if o.get("embedding_on_host"):
+        parts.append("embedding")
+    if o.get("layers"):
+        parts.append(f"{o['layers']} streamed layers")
+    return ", ".join(parts) or "nothing"
 
 
 def markdown(rows):
@@ -82,14 +102,20 @@ def markdown(rows):
         for r in rs:
             ck = "on" if r["checkpointing"] else "off"
             if r.get("status") != "ok":
-                out.append(f"| {r['system']} | {ck} | {r.get('status', 'error')} | | | | |")
+                out.append(f"| {label(r)} | {ck} | {r.get('status', 'error')} | | | | |")
                 continue
             base = hf.get(r["checkpointing"])
             ratio = f"{r['tok_s'] / base:.2f}" if base else "-"
             d = r.get("loss_maxdiff_vs_hf")
             dl = "-" if d is None else f"{d:.1e}" + ("" if r.get("loss_match", True) else " (over tolerance)")
-            out.append(f"| {r['system']} | {ck} | {r['tok_s']:,.0f} | {ratio} | "
+            out.append(f"| {label(r)} | {ck} | {r['tok_s']:,.0f} | {ratio} | "
                        f"{r['peak_gib']:.1f} | {100 * r['mfu']:.1f}% | {dl} |")
+        for r in rs:
+            if r.get("offload"):
+                same = r.get("losses_identical_to_tigon")
+                out.append(f"\n{label(r)}: on the host: {offload_note(r)}"
+                           + ("" if same is None else
+                              f"; losses bitwise those of tigon without offload: {'yes' if same else 'NO'}"))
         out.append("")
     return "\n".join(out)
 
@@ -113,7 +139,8 @@ def plot(rows, png):
             variants.append(variant(r))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(variants))
-    colors = {"hf-peft": "#7f7f7f", "hf-peft-liger": "#1f77b4", "tigon": "#d62728"}
+    colors = {"hf-peft": "#7f7f7f", "hf-peft-liger": "#1f77b4", "tigon": "#d62728",
+              "tigon (ckpt+offload)": "#ff7f0e", "tigon (offload)": "#ff7f0e"}
     for ax, key, label in ((axes[0], "tok_s", "tokens/s"), (axes[1], "peak_gib", "peak device memory (GiB)")):
         for j, v in enumerate(variants):
             xs, ys = [], []
@@ -126,7 +153,7 @@ def plot(rows, png):
                 elif m:
                     ax.text(x, 0, m[0].get("status", "error").upper(), rotation=90,
                             ha="center", va="bottom", fontsize=7)
-            system = v.split(" ")[0]
+            system = v.split(" ckpt ")[0]
             ax.bar(xs, ys, width, label=v, color=colors.get(system, "#2ca02c"),
                    alpha=0.55 if v.endswith("on") else 1.0,
                    hatch="//" if v.endswith("on") else None, edgecolor="black", linewidth=0.4)

@@ -11,6 +11,8 @@
 //! optimizer; the loss read-back that follows is outside, as in the script), and the
 //! median gives tokens/s. Peak memory is the most tigon held in live device buffers from
 //! the first step to the last, the weights included (torch's `max_memory_allocated`).
+//! With `--offload-embedding` / `--offload-layers N` the offloaded weights stay in host
+//! memory (never on the GPU, not even while loading) and the JSON gets an `offload` object.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use tigon_engine::lora::LoraPrecision;
-use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState};
+use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState, Offload};
 use tigon_kernels::cuda::timing::Mark;
 use tigon_kernels::ops::adamw::AdamW;
 use tigon_kernels::{DType, Device, Gpu, KernelError};
@@ -59,6 +61,14 @@ pub struct BenchTrainArgs {
     /// The adapter path over the bf16 base: `fp32` (default, as PEFT computes it) or `bf16`.
     #[arg(long, default_value = "fp32")]
     lora_precision: LoraPrecision,
+    /// CPU offload: keep the embedding table in host memory, gather there and upload only
+    /// the batch's rows (untied models; a tied table is the LM head and stays on the GPU).
+    #[arg(long)]
+    offload_embedding: bool,
+    /// CPU offload: stream this many layers' weights from page-locked host memory, spread
+    /// evenly over the stack, copied to the GPU beside the compute (0: none).
+    #[arg(long, default_value_t = 0)]
+    offload_layers: usize,
     /// Start from this PEFT adapter folder instead of a new adapter (same start as the
     /// Python side).
     #[arg(long)]
@@ -319,6 +329,7 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
         );
     }
     let config = ModelConfig::from_dir(&args.model)?;
+    offload(&args).validate(&config)?;
     if batches.max_id() as usize >= config.vocab_size {
         bail!(
             "{}: token id {} outside the vocabulary of {} ({})",
@@ -388,7 +399,10 @@ fn run(
     out: &mut Value,
 ) -> Result<()> {
     let t_load = Instant::now();
-    let weights = ModelWeights::from_dir(&args.model, device, dtype)
+    let offload = offload(args);
+    let config = ModelConfig::from_dir(&args.model)?;
+    let on_host = offload.host_placement(&config)?;
+    let weights = ModelWeights::from_dir_placed(&args.model, device, dtype, &on_host)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let config = weights.config.clone();
     let adapter = match &args.adapter {
@@ -410,6 +424,7 @@ fn run(
     decoder.checkpointing = args.checkpointing;
     decoder.fusion = args.fusion;
     decoder.lora_precision = args.lora_precision;
+    decoder.set_offload(offload)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let all: Vec<Batch> = (0..args.warmup + args.steps)
         .map(|s| batches.batch(s))
@@ -489,6 +504,15 @@ fn run(
     out["peak_gib"] = json!(peak.map(|b| b as f64 / (1u64 << 30) as f64));
     out["losses"] = json!(losses);
     out["step_ms"] = json!(step_ms);
+    if offload.is_on() {
+        out["offload"] = json!({
+            "embedding": offload.embedding,
+            "embedding_on_host": decoder.embedding_on_host(),
+            "layers": offload.layers,
+            "streamed_layers": decoder.streamed_layers(),
+            "layer_copies_per_step": decoder.layer_copies(),
+        });
+    }
     if args.profile {
         let bwd: Vec<f64> = fwd_bwd_ms
             .iter()
@@ -508,6 +532,13 @@ fn run(
     Ok(())
 }
 
+fn offload(args: &BenchTrainArgs) -> Offload {
+    Offload {
+        embedding: args.offload_embedding,
+        layers: args.offload_layers,
+    }
+}
+
 fn print_summary(r: &Value) {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     let peak = match r["peak_gib"].as_f64() {
@@ -525,6 +556,19 @@ fn print_summary(r: &Value) {
         f("median_step_ms"),
         100.0 * f("mfu"),
     );
+    if let Some(o) = r.get("offload") {
+        println!(
+            "offload: embedding {}, {} streamed layers {} ({} layer copies per step)",
+            if o["embedding_on_host"].as_bool() == Some(true) {
+                "on the host"
+            } else {
+                "on the GPU"
+            },
+            o["layers"],
+            o["streamed_layers"],
+            o["layer_copies_per_step"],
+        );
+    }
     if let Some(losses) = r["losses"].as_array() {
         let l: Vec<String> = losses
             .iter()
@@ -821,6 +865,54 @@ mod tests {
         // zero, so step 0 is the base model either way).
         assert_eq!(a["losses"][0], c["losses"][0]);
         assert_ne!(a["losses"], c["losses"]);
+    }
+
+    /// `--offload-embedding` and `--offload-layers` reach the decoder and the JSON, and
+    /// change no loss (offload moves data, not arithmetic); offloading more layers than the
+    /// model has is refused before anything loads.
+    #[test]
+    fn offload_flags_are_recorded_and_change_no_loss() {
+        let s = Scratch::new("offload");
+        let (model, batches) = fixture(&s.0, 5);
+        let plain = run_cpu(&model, &batches, &s.0.join("a.json"), &["--checkpointing"]);
+        assert!(plain.get("offload").is_none());
+        let off = run_cpu(
+            &model,
+            &batches,
+            &s.0.join("b.json"),
+            &[
+                "--checkpointing",
+                "--offload-embedding",
+                "--offload-layers",
+                "1",
+            ],
+        );
+        assert_eq!(off["losses"], plain["losses"]);
+        let o = &off["offload"];
+        assert_eq!(o["embedding"], true);
+        let tied = ModelConfig::tiny_llama().tie_word_embeddings;
+        assert_eq!(o["embedding_on_host"], !tied);
+        assert_eq!(o["layers"], 1);
+        assert_eq!(o["streamed_layers"], json!([1]));
+        assert_eq!(
+            o["layer_copies_per_step"], 1,
+            "the last layer's copy serves both passes"
+        );
+        let mut v = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--batches",
+            batches.to_str().unwrap(),
+            "--cpu",
+            "--offload-layers",
+            "3",
+        ];
+        v.extend_from_slice(&["--steps", "1"]);
+        let e = format!("{:#}", bench_train(args(&v)).unwrap_err());
+        assert!(
+            e.contains("offload_layers = 3 but the model has 2 layers"),
+            "{e}"
+        );
     }
 
     /// `--fusion` reaches the decoder and the JSON; on the CPU every op has one

@@ -120,6 +120,12 @@ pub struct TrainArgs {
     /// The adapter path over a bf16 base: fp32 (as PEFT, the default) or bf16.
     #[arg(long)]
     lora_precision: Option<String>,
+    /// CPU offload: the embedding table in host memory (untied models).
+    #[arg(long)]
+    offload_embedding: Option<bool>,
+    /// CPU offload: stream this many layers' weights from host memory.
+    #[arg(long)]
+    offload_layers: Option<usize>,
     /// Checkpoint every N steps (0: only at the end).
     #[arg(long)]
     save_every: Option<u64>,
@@ -200,6 +206,11 @@ impl TrainArgs {
             self.activation_checkpointing.map(Value::Boolean),
         );
         put("lora_precision", string(&self.lora_precision));
+        put(
+            "offload_embedding",
+            self.offload_embedding.map(Value::Boolean),
+        );
+        put("offload_layers", size(self.offload_layers));
         put("save_every", int(self.save_every));
         put("output", self.output.as_deref().map(path_value));
         put("device", string(&self.device));

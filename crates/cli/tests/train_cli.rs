@@ -312,3 +312,55 @@ fn flags_override_the_config() {
         &["--resume", "--overwrite"],
     );
 }
+
+/// `--offload-embedding` and `--offload-layers` (or the config keys) keep weights in host
+/// memory and change no value: the metrics are bitwise those of the plain run. Streaming
+/// more layers than the model has fails with one line naming both numbers.
+#[test]
+fn offload_flags_train_the_same_trajectory() {
+    let dir = TestDir::new("offload");
+    let config = setup(&dir.0, 4, 0);
+    let cfg = config.to_str().unwrap();
+    let (a, b) = (dir.0.join("a"), dir.0.join("b"));
+    let plain = tigon(&["train", "--config", cfg, "--output", a.to_str().unwrap()]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let off = tigon(&[
+        "train",
+        "--config",
+        cfg,
+        "--output",
+        b.to_str().unwrap(),
+        "--activation-checkpointing",
+        "true",
+        "--offload-embedding",
+        "true",
+        "--offload-layers",
+        "2",
+    ]);
+    assert!(
+        off.status.success(),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
+    assert_eq!(trajectory(&a), trajectory(&b));
+    let log =
+        String::from_utf8_lossy(&off.stdout).to_string() + &String::from_utf8_lossy(&off.stderr);
+    assert!(log.contains("offload: embedding"), "{log}");
+    let c = dir.0.join("c");
+    fails_with(
+        &[
+            "train",
+            "--config",
+            cfg,
+            "--output",
+            c.to_str().unwrap(),
+            "--offload-layers",
+            "3",
+        ],
+        &["offload_layers = 3 but the model has 2 layers"],
+    );
+}

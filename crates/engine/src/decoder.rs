@@ -16,7 +16,9 @@ use crate::fusion::Fusion;
 use crate::layer::{BatchCtx, Layer};
 use crate::lora::{layer_splits, LayerLora, LayerSplits, LoraPrecision, LoraState};
 use crate::lora_dropout::LayerDropout;
+use crate::offload::{host_gather, LayerStream, Offload, OffloadState};
 use crate::spec::DecoderSpec;
+use tigon_model::weights::LayerWeights;
 use tigon_model::ModelWeights;
 
 /// A micro-batch: one stream of tokens holding one or more documents back to back.
@@ -121,6 +123,11 @@ impl Batch {
 
 pub struct Decoder {
     pub spec: DecoderSpec,
+    /// What lives in host memory ([`Decoder::set_offload`]). Declared before `weights` so it
+    /// is dropped first: it page-locks offloaded weights' memory.
+    offload: Option<OffloadState>,
+    /// The base weights; with an offload, the offloaded ones are host tensors. Do not
+    /// replace those while the offload is on.
     pub weights: ModelWeights,
     pub lora: LoraState,
     pub device: Device,
@@ -137,6 +144,8 @@ pub struct Decoder {
     pub dropout_seed: u64,
     /// Micro-batches run since the seed was set: every one draws its own masks.
     micro_batch: u64,
+    /// Layer weight copies host -> device of the last [`Decoder::forward_backward`].
+    layer_copies: usize,
 }
 
 /// The result of one micro-batch: the loss stays on the device until asked for.
@@ -148,7 +157,9 @@ pub struct StepLoss {
 
 impl Decoder {
     /// A decoder over loaded base weights with the LoRA state `lora` (or
-    /// [`LoraState::empty`]), on the device the weights are on.
+    /// [`LoraState::empty`]), on the device the weights are on (that of the final norm:
+    /// weights loaded for an offload may leave others on the host, see
+    /// [`Decoder::set_offload`]).
     pub fn new(weights: ModelWeights, lora: LoraState) -> Result<Decoder> {
         let spec = DecoderSpec::from_config(&weights.config);
         if lora.layers.len() != spec.layers {
@@ -158,9 +169,10 @@ impl Decoder {
                 spec.layers
             )));
         }
-        let device = weights.embed_tokens.device();
+        let device = weights.norm.device();
         Ok(Decoder {
             spec,
+            offload: None,
             weights,
             lora,
             device,
@@ -169,17 +181,47 @@ impl Decoder {
             lora_precision: LoraPrecision::default(),
             dropout_seed: 0,
             micro_batch: 0,
+            layer_copies: 0,
         })
     }
 
-    fn layer<'a>(&'a self, i: usize, splits: Option<&'a LayerSplits>) -> Layer<'a> {
-        Layer {
-            spec: &self.spec,
-            w: &self.weights.layers[i],
-            fusion: self.fusion,
-            dropout: None,
-            splits,
-        }
+    /// Offload frozen data to host memory ([`Offload`]): the embedding table (untied models)
+    /// and the weights of `offload.layers` layers, streamed to the device for each use. What
+    /// the offload keeps on the host is moved there (and page-locked on a GPU); everything
+    /// else is moved to the device, so weights loaded with
+    /// [`ModelWeights::from_dir_placed`] and [`Offload::host_placement`] never hold device
+    /// memory for offloaded tensors. `Offload::default()` turns offloading off. Results are
+    /// bit-identical with and without: only where the data waits changes.
+    pub fn set_offload(&mut self, offload: Offload) -> Result<()> {
+        self.offload = None;
+        let state = OffloadState::new(offload, &mut self.weights, &self.device)?;
+        self.offload = offload.is_on().then_some(state);
+        Ok(())
+    }
+
+    /// The offload settings in force (all off without [`Decoder::set_offload`]).
+    pub fn offload(&self) -> Offload {
+        self.offload.as_ref().map(|o| o.config).unwrap_or_default()
+    }
+
+    /// Whether the embedding table is on the host (asked for and untied).
+    pub fn embedding_on_host(&self) -> bool {
+        self.offload.as_ref().is_some_and(|o| o.embedding_on_host)
+    }
+
+    /// How many layers' weights the last [`Decoder::forward_backward`] copied from host
+    /// memory: two per streamed layer, less one when the last layer is streamed (its
+    /// forward copy serves its backward).
+    pub fn layer_copies(&self) -> usize {
+        self.layer_copies
+    }
+
+    /// The layers whose weights are streamed from host memory, ascending.
+    pub fn streamed_layers(&self) -> Vec<usize> {
+        self.offload
+            .as_ref()
+            .map(|o| (0..o.streamed.len()).filter(|&i| o.streamed[i]).collect())
+            .unwrap_or_default()
     }
 
     /// Whether the adapter path runs through hi/lo splits (fp32-accurate): bf16 weights,
@@ -227,6 +269,11 @@ impl Decoder {
     }
 
     fn embed(&self, batch: &Batch) -> Result<Tensor> {
+        if self.embedding_on_host() {
+            // Gather on the host and upload only the rows.
+            return Ok(host_gather(&batch.input_ids, &self.weights.embed_tokens)?
+                .to_device(&self.device)?);
+        }
         let ids = Tensor::from_i32(&[batch.tokens()], batch.input_ids.clone())?
             .to_device(&self.device)?;
         Ok(embedding_forward(&ids, &self.weights.embed_tokens)?)
@@ -236,12 +283,19 @@ impl Decoder {
     pub fn hidden(&self, batch: &Batch) -> Result<Tensor> {
         let ctx = self.ctx(batch)?;
         let mut x = self.embed(batch)?;
+        let mut stream = layer_stream(&self.offload, &self.weights, 0..self.spec.layers)?;
         for i in 0..self.spec.layers {
+            let w = stream.take(i)?;
             let splits = self.splits(i)?;
-            x = self
-                .layer(i, splits.as_ref())
-                .forward(&self.lora.layers[i], &x, &ctx, false)?
-                .0;
+            let layer = Layer {
+                spec: &self.spec,
+                w: w.get(),
+                fusion: self.fusion,
+                dropout: None,
+                splits: splits.as_ref(),
+            };
+            x = layer.forward(&self.lora.layers[i], &x, &ctx, false)?.0;
+            stream.give_back(i, w);
         }
         Ok(self
             .fusion
@@ -299,20 +353,18 @@ impl Decoder {
         }
         let micro_batch = self.micro_batch;
         self.micro_batch += 1;
-        let (seed, spec, weights, fusion) =
-            (self.dropout_seed, &self.spec, &self.weights, self.fusion);
+        let (seed, spec, fusion) = (self.dropout_seed, &self.spec, self.fusion);
         let with_splits = self.uses_splits();
         fn layer<'a>(
             spec: &'a DecoderSpec,
-            weights: &'a ModelWeights,
+            w: &'a LayerWeights,
             fusion: Fusion,
             dropout: Option<LayerDropout>,
-            i: usize,
             splits: Option<&'a LayerSplits>,
         ) -> Layer<'a> {
             Layer {
                 spec,
-                w: &weights.layers[i],
+                w,
                 fusion,
                 dropout,
                 splits,
@@ -327,6 +379,13 @@ impl Decoder {
             })
         };
         let ctx = self.ctx(batch)?;
+        let layers = self.spec.layers;
+        // Every layer is visited twice: forward, then backward in reverse.
+        let mut stream = layer_stream(
+            &self.offload,
+            &self.weights,
+            (0..layers).chain((0..layers).rev()),
+        )?;
         // Inputs of every layer (the checkpoints), and everything else unless recomputing.
         // With checkpointing the embedding output is not kept either: a gather from the
         // ids is cheaper than holding it through the step.
@@ -334,9 +393,15 @@ impl Decoder {
         let mut saved = Vec::with_capacity(self.spec.layers);
         for i in 0..self.spec.layers {
             let x = inputs[i].as_ref().expect("layer input");
+            let w = stream.take(i)?;
             let splits = splits_of(&self.lora.layers[i])?;
-            let l = layer(spec, weights, fusion, dropout(i), i, splits.as_ref());
-            let (out, s) = l.forward(&self.lora.layers[i], x, &ctx, !self.checkpointing)?;
+            let (out, s) = layer(spec, w.get(), fusion, dropout(i), splits.as_ref()).forward(
+                &self.lora.layers[i],
+                x,
+                &ctx,
+                !self.checkpointing,
+            )?;
+            stream.give_back(i, w);
             saved.push(s);
             inputs.push(Some(out));
             if i == 0 && self.checkpointing {
@@ -373,18 +438,21 @@ impl Decoder {
         )?;
         drop(last);
         for i in (0..self.spec.layers).rev() {
-            let splits = splits_of(&self.lora.layers[i])?;
-            let layer = layer(spec, weights, fusion, dropout(i), i, splits.as_ref());
             let x = match inputs.pop().flatten() {
                 Some(x) => x,
                 None => self.embed(batch)?,
             };
+            let w = stream.take(i)?;
+            let splits = splits_of(&self.lora.layers[i])?;
+            let layer = layer(spec, w.get(), fusion, dropout(i), splits.as_ref());
             let s = match saved[i].take() {
                 Some(s) => s,
                 None => layer.recompute(&self.lora.layers[i], &x, &ctx)?,
             };
             dx = layer.backward(&mut self.lora.layers[i], dx, &x, s, &ctx)?;
+            stream.give_back(i, w);
         }
+        self.layer_copies = stream.copies();
         Ok(StepLoss {
             loss: loss.loss,
             n_valid: loss.n_valid,
@@ -435,5 +503,18 @@ impl Decoder {
         let fusion = self.fusion;
         fusion.adamw_step(&mut tensors, step, p, max_grad_norm.map(|m| (m, &norm)))?;
         Ok(norm)
+    }
+}
+
+/// The layers' weights for a pass that visits layers in `order` (a free function so that it
+/// borrows only the offload and the weights, not the LoRA state the backward writes).
+fn layer_stream<'w>(
+    offload: &'w Option<OffloadState>,
+    weights: &'w ModelWeights,
+    order: impl IntoIterator<Item = usize>,
+) -> Result<LayerStream<'w>> {
+    match offload {
+        Some(o) => o.stream(&weights.layers, order),
+        None => Ok(LayerStream::resident(&weights.layers)),
     }
 }

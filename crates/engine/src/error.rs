@@ -15,6 +15,8 @@ pub enum EngineError {
     Lora(String),
     #[error("fusion: {0}")]
     Fusion(String),
+    #[error("offload: {0}")]
+    Offload(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -461,12 +461,38 @@ impl ModelWeights {
         device: &Device,
         dtype: DType,
     ) -> Result<ModelWeights> {
+        Self::load_placed(weights, config, device, dtype, &|_| false)
+    }
+
+    /// [`ModelWeights::from_dir`], keeping the tensors whose Hugging Face name `on_host`
+    /// accepts in host memory (CPU tensors of `dtype`) instead of copying them to `device`:
+    /// offloaded weights never take device memory, not even while loading.
+    pub fn from_dir_placed(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        on_host: &dyn Fn(&str) -> bool,
+    ) -> Result<ModelWeights> {
+        let config = ModelConfig::from_dir(dir)?;
+        let weights = Weights::open(dir)?;
+        Self::load_placed(&weights, &config, device, dtype, on_host)
+    }
+
+    /// [`ModelWeights::load`] with the placement of [`ModelWeights::from_dir_placed`].
+    pub fn load_placed(
+        weights: &Weights,
+        config: &ModelConfig,
+        device: &Device,
+        dtype: DType,
+        on_host: &dyn Fn(&str) -> bool,
+    ) -> Result<ModelWeights> {
         let mut shapes: HashMap<String, Vec<usize>> = config.tensor_shapes().into_iter().collect();
         let mut take = |name: String| -> Result<Tensor> {
             let shape = shapes.remove(&name).unwrap_or_default();
             let t = weights.get(&name, &shape, dtype)?;
             match device {
                 Device::Cpu => Ok(t),
+                Device::Cuda(_) if on_host(&name) => Ok(t),
                 Device::Cuda(_) => Ok(t.to_device(device)?),
             }
         };

@@ -116,6 +116,14 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// The adapter path over a bf16 base: "fp32" (as PEFT, the default) or "bf16".
     pub lora_precision: LoraPrecisionChoice,
+    /// CPU offload: keep the embedding table in host memory and upload only each batch's
+    /// rows (untied models; a tied table is also the LM head and stays on the GPU).
+    pub offload_embedding: bool,
+    /// CPU offload: stream this many layers' weights from page-locked host memory, spread
+    /// evenly over the stack (0: none; at most the model's layer count). Saves about one
+    /// layer of GPU memory per streamed layer, less two in flight; costs the copies' time
+    /// where compute does not hide them. Results are bit-identical either way.
+    pub offload_layers: usize,
     /// Save a checkpoint every this many steps (0: only at the end).
     pub save_every: u64,
     /// Output folder: checkpoints, the final adapter, metrics.jsonl, loss.png.
@@ -158,6 +166,8 @@ impl Default for TrainConfig {
             use_rslora: false,
             activation_checkpointing: false,
             lora_precision: LoraPrecisionChoice::Fp32,
+            offload_embedding: false,
+            offload_layers: 0,
             save_every: 0,
             output: PathBuf::from("tigon-out"),
             device: DeviceChoice::Auto,
@@ -308,13 +318,16 @@ impl TrainConfig {
     }
 
     /// A hash of everything that decides the training trajectory (not the output folder,
-    /// how often to save or evaluate, or the device choice's spelling): a resumed run must
-    /// match the run that wrote the checkpoint.
+    /// how often to save or evaluate, the device choice's spelling, or the offload, which
+    /// changes where weights wait but no value): a resumed run must match the run that
+    /// wrote the checkpoint.
     pub fn trajectory_hash(&self) -> String {
         let mut c = self.clone();
         c.output = PathBuf::new();
         c.save_every = 0;
         c.eval_every = 0;
+        c.offload_embedding = false;
+        c.offload_layers = 0;
         let text = serde_json::to_string(&c).expect("a TrainConfig serializes to JSON");
         // FNV-1a, 64 bits: stable across Rust versions, unlike DefaultHasher.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -364,6 +377,22 @@ device = "cpu"
         assert_eq!(c.beta2, 0.999);
         assert!(c.packing && c.response_only);
         c.validate("train.toml").unwrap();
+    }
+
+    #[test]
+    fn offload_keys_parse_and_default_off() {
+        let c = TrainConfig::from_toml_str(EXAMPLE, "train.toml").unwrap();
+        assert!(!c.offload_embedding);
+        assert_eq!(c.offload_layers, 0);
+        let text = format!("{EXAMPLE}offload_embedding = true\noffload_layers = 8\n");
+        let c = TrainConfig::from_toml_str(&text, "train.toml").unwrap();
+        assert!(c.offload_embedding);
+        assert_eq!(c.offload_layers, 8);
+        c.validate("train.toml").unwrap();
+        let e = TrainConfig::from_toml_str(&format!("{EXAMPLE}offload_layers = -1\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:"), "{e}");
     }
 
     #[test]
@@ -503,6 +532,13 @@ device = "cpu"
             ..c.clone()
         };
         assert_eq!(moved.trajectory_hash(), c.trajectory_hash());
+        // Offload is bit-identical: a run may resume with other offload settings.
+        let offloaded = TrainConfig {
+            offload_embedding: true,
+            offload_layers: 3,
+            ..c.clone()
+        };
+        assert_eq!(offloaded.trajectory_hash(), c.trajectory_hash());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

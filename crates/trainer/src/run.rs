@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tigon_engine::lora::LoraPrecision;
 use tigon_engine::schedule::Schedule;
-use tigon_engine::{Batch, Decoder, LoraState};
+use tigon_engine::{Batch, Decoder, LoraState, Offload};
 use tigon_kernels::ops::adamw::AdamW;
 use tigon_kernels::{DType, Device, Gpu};
 use tigon_model::{Adapter, LoraConfig, ModelConfig, ModelWeights, TargetModules};
@@ -235,7 +235,13 @@ pub fn train(
     ));
 
     // Model and adapter (new, or the checkpoint's).
-    let weights = ModelWeights::from_dir(&cfg.model, &device, dtype)?;
+    // Offloaded weights stay in host memory from the start (never on the GPU).
+    let offload = Offload {
+        embedding: cfg.offload_embedding,
+        layers: cfg.offload_layers,
+    };
+    let on_host = offload.host_placement(&model_config)?;
+    let weights = ModelWeights::from_dir_placed(&cfg.model, &device, dtype, &on_host)?;
     let hash = cfg.trajectory_hash();
     let (mut adapter, state) = match &resume_from {
         Some(dir) => {
@@ -276,6 +282,20 @@ pub fn train(
         LoraPrecisionChoice::Fp32 => LoraPrecision::Fp32,
         LoraPrecisionChoice::Bf16 => LoraPrecision::Bf16,
     };
+    decoder.set_offload(offload)?;
+    if offload.is_on() {
+        obs.info(&format!(
+            "offload: embedding {}, weights of layers {:?} streamed from host memory",
+            if decoder.embedding_on_host() {
+                "on the host"
+            } else if offload.embedding {
+                "on the GPU (tied: it is also the LM head)"
+            } else {
+                "on the GPU"
+            },
+            decoder.streamed_layers()
+        ));
+    }
 
     let metrics_path = out.join(METRICS_FILE);
     let (start, mut metrics, elapsed0) = match &state {

@@ -2,7 +2,9 @@
 //! handle and a cache of NVRTC-compiled modules.
 //!
 //! Everything runs on a single stream, so ordering between kernels, copies, allocations and
-//! frees is the stream order and nothing else needs synchronising. All CUDA libraries are
+//! frees is the stream order and nothing else needs synchronising. The one exception is
+//! [`transfer`]: host-to-device copies of offloaded data on a second stream, ordered against
+//! the main one by events (allocations and frees stay on the main stream). All CUDA libraries are
 //! loaded at run time (cudarc's dynamic loading): a machine without a driver builds and runs
 //! the CPU path and gets [`KernelError::NoGpu`] when it asks for a GPU.
 
@@ -10,6 +12,7 @@ pub mod gemm;
 pub mod libs;
 pub mod nvrtc;
 pub mod timing;
+pub mod transfer;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
