@@ -3,20 +3,24 @@
 //!
 //! Shapes follow PEFT: `W [out, in]` (frozen, x's dtype), `A [r, in]`, `B [out, r]`, `x [.., in]`.
 //! `x_d` is x or a dropout of x the caller made. Every product is a GEMM (cuBLAS on the GPU,
-//! bf16 or f32 in, fp32 accumulate), ordered so the rank-r products come first and
-//! `W + s B A` is never formed: the forward saves only `xa = x_d A^T [n, r]`, and the
-//! backward accumulates into the existing outputs with `beta = 1` instead of allocating
-//! `[n, out]` or `[n, in]` temporaries. No gradient is computed for W.
+//! bf16 or f32 in, fp32 accumulate) and `W + s B A` is never formed: the forward saves only
+//! `xa = x_d A^T [n, r]`. The rank-r term is written first (beta = 0, a write-only GEMM) and
+//! the compute-bound base GEMM then adds onto it (beta = 1), which reads C nearly for free;
+//! the other order would make the rank-r GEMM a read-modify-write of the whole output,
+//! pure memory traffic. The backward's input gradient is ordered the same way, and dA, dB
+//! accumulate into the caller's buffers with beta = 1 instead of `[n, out]` temporaries.
+//! No gradient is computed for W.
 //!
 //! A and B are usually fp32 master weights while x is bf16: they are cast to x's dtype for
 //! the GEMMs (r x (in + out) elements, negligible), and the gradients `dA`, `dB` come out of
 //! bf16-input GEMMs with fp32 outputs, accumulated into the caller's fp32 buffers so that
 //! micro-batches add up without a separate add.
 //!
-//! Rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once:
-//! `y = bf16(bf16(x W^T + bias) + s xa B^T)`, `dx = bf16(bf16(dy W) + dxa A)`, and
-//! `dxa = s dy B` is a bf16 intermediate. The CPU reference is the same composition through the CPU GEMM,
-//! so it rounds at exactly the same places.
+//! Rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once: the
+//! rank-r term is rounded before the base product is added, `y = bf16(x W^T +
+//! bf16(bias + s xa B^T))`, `dx = bf16(dy W + bf16(dxa A))`, and `dxa = s dy B` is a bf16
+//! intermediate. The CPU reference is the same composition through the CPU GEMM, so it
+//! rounds at exactly the same places.
 
 use std::sync::Arc;
 
@@ -192,12 +196,13 @@ pub fn lora_linear_forward(
     matmul_into(x_lora.unwrap_or(x), false, a, true, &mut xa, 1.0, 0.0)?;
     let y_shape = with_last(x, d.out);
     let (mut y, beta) = match layer.bias {
-        // The base GEMM adds onto the bias rows: x W^T + bias rounded once, as F.linear.
+        // The rank-r GEMM adds onto the bias rows (bias models only: a rank-r
+        // read-modify-write there, as the bias needs one pass anyway).
         Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
         None => (output(&gpu, &y_shape, dt)?, 0.0),
     };
-    matmul_into(x, false, layer.w, true, &mut y, 1.0, beta)?;
-    matmul_into(&xa, false, b, true, &mut y, layer.scaling, 1.0)?;
+    matmul_into(&xa, false, b, true, &mut y, layer.scaling, beta)?;
+    matmul_into(x, false, layer.w, true, &mut y, 1.0, 1.0)?;
     Ok(LoraForward { y, xa })
 }
 
@@ -249,7 +254,8 @@ fn backward_adapter(
     Ok((dxa, gpu))
 }
 
-/// `dx = dy W + dxa A + beta dx`: two GEMMs, the second accumulating onto the first.
+/// `dx = dy W + dxa A + beta dx`: two GEMMs, the rank-r one first (write-only when
+/// beta = 0), the compute-bound base GEMM accumulating onto it.
 fn input_grad_into(
     layer: &LoraLinear,
     dy: &Tensor,
@@ -259,8 +265,8 @@ fn input_grad_into(
 ) -> Result<()> {
     let mut a_slot = None;
     let a = as_dtype(layer.a, dy.dtype(), &mut a_slot)?;
-    matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
-    matmul_into(dxa, false, a, false, dx, 1.0, 1.0)?;
+    matmul_into(dxa, false, a, false, dx, 1.0, beta)?;
+    matmul_into(dy, false, layer.w, false, dx, 1.0, 1.0)?;
     Ok(())
 }
 
@@ -1175,6 +1181,61 @@ mod tests {
             })
             .collect();
         assert!(crate::check::rel_err(&db.to_f32_vec().unwrap(), &want_db) < 1e-6);
+    }
+
+    /// In bf16 the rank-r term is rounded on its own and the base product is added onto
+    /// it with one more rounding: `y = bf16(x W^T + bf16(s xa B^T))` and
+    /// `dx = bf16(dy W + bf16(dxa A))`, element for element (the CPU GEMM is deterministic).
+    #[test]
+    fn bf16_rounds_the_rank_r_term_then_the_sum() {
+        use crate::ops::matmul::cpu_matmul;
+        let mut rng = Rng::new(25);
+        let (n, inp, out, r) = (9, 24, 20, 4);
+        let s = 1.5f32;
+        let v = inputs(&mut rng, n, inp, out, r);
+        let bf = |shape: &[usize], d: &[f32]| {
+            Tensor::from_f32_as(shape, d.to_vec(), DType::BF16).unwrap()
+        };
+        let (x, w) = (bf(&[n, inp], &v.x), bf(&[out, inp], &v.w));
+        let (a, b) = (bf(&[r, inp], &v.a), bf(&[out, r], &v.b));
+        let dy = bf(&[n, out], &rng.normal_vec(n * out, 1.0));
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter()
+                .map(|e| half::bf16::from_f32(e).to_f32())
+                .collect()
+        };
+        let vals = |t: &Tensor| t.to_f32_vec().unwrap();
+        let (xv, wv, av, bv, dyv) = (vals(&x), vals(&w), vals(&a), vals(&b), vals(&dy));
+        let layer = LoraLinear {
+            w: &w,
+            bias: None,
+            a: &a,
+            b: &b,
+            scaling: s,
+        };
+        let f = lora_linear_forward(&layer, &x, None).unwrap();
+        let xa = round(cpu_matmul(&xv, false, &av, true, n, r, inp));
+        assert_eq!(vals(&f.xa), xa);
+        let lora = round(
+            cpu_matmul(&xa, false, &bv, true, n, out, r)
+                .iter()
+                .map(|e| s * e)
+                .collect(),
+        );
+        let base = cpu_matmul(&xv, false, &wv, true, n, out, inp);
+        let want_y = round(base.iter().zip(&lora).map(|(b, l)| b + l).collect());
+        assert_eq!(vals(&f.y), want_y);
+        let dx = lora_linear_backward_dx(&layer, &dy).unwrap();
+        let dxa = round(
+            cpu_matmul(&dyv, false, &bv, false, n, r, out)
+                .iter()
+                .map(|e| s * e)
+                .collect(),
+        );
+        let lora_dx = round(cpu_matmul(&dxa, false, &av, false, n, inp, r));
+        let base_dx = cpu_matmul(&dyv, false, &wv, false, n, inp, out);
+        let want_dx = round(base_dx.iter().zip(&lora_dx).map(|(b, l)| b + l).collect());
+        assert_eq!(vals(&dx), want_dx);
     }
 
     #[test]
