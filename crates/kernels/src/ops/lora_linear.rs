@@ -114,7 +114,7 @@ fn check_layer(layer: &LoraLinear, x: &Tensor) -> Result<Dims> {
 }
 
 /// x's shape with the last dim replaced.
-fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
+pub(crate) fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
     let mut s = x.shape().to_vec();
     *s.last_mut().expect("x has a feature dim") = last;
     s
@@ -122,7 +122,7 @@ fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
 
 /// An output buffer on the inputs' device: uninitialised on the GPU (every element is
 /// written by a GEMM with beta = 0), zeros on the CPU.
-fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+pub(crate) fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     match gpu {
         Some(g) => Tensor::uninit_cuda(g, shape, dtype),
         None => Tensor::zeros(shape, dtype, &Device::Cpu),
@@ -130,7 +130,11 @@ fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tenso
 }
 
 /// `t` itself when it already has `dtype`, else a rounded copy held in `slot`.
-fn as_dtype<'t>(t: &'t Tensor, dtype: DType, slot: &'t mut Option<Tensor>) -> Result<&'t Tensor> {
+pub(crate) fn as_dtype<'t>(
+    t: &'t Tensor,
+    dtype: DType,
+    slot: &'t mut Option<Tensor>,
+) -> Result<&'t Tensor> {
     if t.dtype() == dtype {
         return Ok(t);
     }
@@ -138,7 +142,7 @@ fn as_dtype<'t>(t: &'t Tensor, dtype: DType, slot: &'t mut Option<Tensor>) -> Re
 }
 
 /// `y[r, :] = bias` for every row.
-fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let cols = bias.elem_count();
     let rows = shape.iter().product::<usize>() / cols;
     match gpu {
