@@ -28,6 +28,9 @@
 
 use tigon_kernels::ops::attention::Attention;
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
+use tigon_kernels::ops::lora_group::{
+    lora_group_backward, lora_group_forward, stack_rows, GroupMember, LoraGroup, MemberAdapter,
+};
 use tigon_kernels::ops::lora_linear::{lora_linear_backward_accumulate, lora_linear_xa};
 use tigon_kernels::ops::matmul::{matmul, matmul_into};
 use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
@@ -38,7 +41,7 @@ use crate::fusion::Fusion;
 use tigon_model::weights::LayerWeights;
 use tigon_model::Projection as Proj;
 
-use crate::lora::LayerLora;
+use crate::lora::{LayerLora, SHARED_INPUT_GROUPS};
 use crate::lora_dropout::LayerDropout;
 use crate::spec::DecoderSpec;
 
@@ -52,7 +55,11 @@ pub struct BatchCtx {
 
 /// What one layer's backward needs from its forward.
 pub struct Saved {
+    /// Per projection `x A^T`, for the projections not run as a group.
     xa: [Option<Tensor>; 7],
+    /// The grouped q/k/v and gate/up adapters' `x A_cat^T` (`[n, sum r]`), when each
+    /// group ran through the grouped op (its members' `xa` entries are then None).
+    group_xa: [Option<Tensor>; 2],
     head_norm: Option<HeadNormSaved>,
     q: Tensor,
     k: Tensor,
@@ -101,16 +108,118 @@ impl Layer<'_> {
         }
     }
 
-    /// `x W^T (+ bias) + s (x A^T) B^T`; returns the output and, with LoRA, `x A^T`.
-    fn project(&self, lora: &LayerLora, p: Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let w = self.w.projection(p);
-        let bias = match p {
+    fn bias(&self, p: Proj) -> Option<&Tensor> {
+        match p {
             Proj::Q => self.w.q_bias.as_ref(),
             Proj::K => self.w.k_bias.as_ref(),
             Proj::V => self.w.v_bias.as_ref(),
             Proj::O => self.w.o_bias.as_ref(),
             _ => None,
+        }
+    }
+
+    /// Whether the projections of `group` (one input) run through the grouped LoRA op:
+    /// with the fused LoRA op, no dropout (each adapter would read its own input) and at
+    /// least one adapter in the group.
+    fn grouped(&self, lora: &LayerLora, group: &[Proj]) -> bool {
+        self.fusion.lora_linear
+            && self.dropout.is_none()
+            && group.iter().any(|&p| lora[p as usize].is_some())
+    }
+
+    /// The projections of `group` through the grouped LoRA op: their outputs in group
+    /// order and the group's `x A_cat^T`. The stacked A is the one the step's compute
+    /// copies hold, or stacked here (evaluation, f32) from each adapter's A.
+    fn project_group(
+        &self,
+        lora: &LayerLora,
+        group: &[Proj],
+        x: &Tensor,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
+        let adapters: Vec<_> = group
+            .iter()
+            .filter_map(|&p| lora[p as usize].as_ref())
+            .collect();
+        let stacked;
+        let a_cat = match adapters.iter().find_map(|t| t.a_group.as_ref()) {
+            Some(a) => a,
+            None => {
+                let parts: Vec<&Tensor> = adapters
+                    .iter()
+                    .map(|t| t.a_compute.as_ref().unwrap_or(&t.a))
+                    .collect();
+                stacked = stack_rows(&parts, x.dtype())?;
+                &stacked
+            }
         };
+        let members = group
+            .iter()
+            .map(|&p| GroupMember {
+                w: self.w.projection(p),
+                bias: self.bias(p),
+                adapter: lora[p as usize].as_ref().map(|t| MemberAdapter {
+                    b: t.b_compute.as_ref().unwrap_or(&t.b),
+                    scaling: t.scaling,
+                }),
+            })
+            .collect();
+        let f = lora_group_forward(&LoraGroup { a_cat, members }, x)?;
+        Ok((f.ys, f.xa))
+    }
+
+    /// The input gradient of the projections of `group` (grouped, see
+    /// [`Layer::project_group`]) from their output gradients `dys` in group order,
+    /// accumulating their LoRA gradients.
+    fn project_group_backward(
+        &self,
+        lora: &mut LayerLora,
+        group: &[Proj],
+        dys: &[&Tensor],
+        x: &Tensor,
+        xa: &Tensor,
+    ) -> Result<Tensor> {
+        let mut members = Vec::with_capacity(group.len());
+        let mut grads = Vec::with_capacity(group.len());
+        let mut parts = Vec::with_capacity(group.len());
+        let mut a_group = None;
+        // Projection order is group order (the groups are listed in projection order).
+        for (i, slot) in lora.iter_mut().enumerate() {
+            let Some(&p) = group.iter().find(|&&p| p as usize == i) else {
+                continue;
+            };
+            let w = self.w.projection(p);
+            let adapter = slot.as_mut().map(|t| {
+                let g = t.group_parts();
+                a_group = a_group.or(g.a_group);
+                parts.push(g.a);
+                grads.push((g.da, g.db));
+                MemberAdapter {
+                    b: g.b,
+                    scaling: g.scaling,
+                }
+            });
+            members.push(GroupMember {
+                w,
+                bias: None,
+                adapter,
+            });
+        }
+        let stacked;
+        let a_cat = match a_group {
+            Some(a) => a,
+            None => {
+                stacked = stack_rows(&parts, x.dtype())?;
+                &stacked
+            }
+        };
+        let g = LoraGroup { a_cat, members };
+        Ok(lora_group_backward(&g, dys, x, xa, &mut grads)?)
+    }
+
+    /// `x W^T (+ bias) + s (x A^T) B^T`; returns the output and, with LoRA, `x A^T`.
+    fn project(&self, lora: &LayerLora, p: Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let w = self.w.projection(p);
+        let bias = self.bias(p);
         match &lora[p as usize] {
             Some(l) => {
                 let layer = l.on(w, bias);
@@ -288,9 +397,17 @@ impl Layer<'_> {
         let n1 = self
             .fusion
             .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
-        let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
-        let (k, xa_k) = self.project(lora, Proj::K, &n1.y)?;
-        let (v, xa_v) = self.project(lora, Proj::V, &n1.y)?;
+        let [qkv, mlp] = SHARED_INPUT_GROUPS;
+        let (q, k, v, [xa_q, xa_k, xa_v], qkv_xa) = if self.grouped(lora, qkv) {
+            let (ys, xa) = self.project_group(lora, qkv, &n1.y)?;
+            let [q, k, v]: [Tensor; 3] = ys.try_into().expect("three members");
+            (q, k, v, [None, None, None], Some(xa))
+        } else {
+            let (q, xa_q) = self.project(lora, Proj::Q, &n1.y)?;
+            let (k, xa_k) = self.project(lora, Proj::K, &n1.y)?;
+            let (v, xa_v) = self.project(lora, Proj::V, &n1.y)?;
+            (q, k, v, [xa_q, xa_k, xa_v], None)
+        };
         let (mut q, mut k, head_norm) = if self.w.q_norm.is_some() {
             let (q, q_pre, q_rstd) = self.head_norm_forward(q, 0)?;
             let (k, k_pre, k_rstd) = self.head_norm_forward(k, 1)?;
@@ -320,8 +437,15 @@ impl Layer<'_> {
         let n2 = self
             .fusion
             .rms_norm_forward(&x2, &self.w.post_attention_layernorm, norm(s))?;
-        let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
-        let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
+        let (gate, up, [xa_g, xa_u], mlp_xa) = if self.grouped(lora, mlp) {
+            let (ys, xa) = self.project_group(lora, mlp, &n2.y)?;
+            let [gate, up]: [Tensor; 2] = ys.try_into().expect("two members");
+            (gate, up, [None, None], Some(xa))
+        } else {
+            let (gate, xa_g) = self.project(lora, Proj::Gate, &n2.y)?;
+            let (up, xa_u) = self.project(lora, Proj::Up, &n2.y)?;
+            (gate, up, [xa_g, xa_u], None)
+        };
         // h1 is recomputed in the backward (one cheap norm) rather than held through it.
         drop(n1);
         let act = self.fusion.swiglu_forward(&gate, &up)?;
@@ -344,6 +468,7 @@ impl Layer<'_> {
         };
         let saved = Saved {
             xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            group_xa: [qkv_xa, mlp_xa],
             head_norm,
             q,
             k,
@@ -373,6 +498,7 @@ impl Layer<'_> {
         let s = self.spec;
         let Saved {
             xa,
+            group_xa: [qkv_xa, mlp_xa],
             head_norm,
             q,
             k,
@@ -389,8 +515,17 @@ impl Layer<'_> {
         let dact = self.down_backward(lora, &dout, act, xa[6].as_ref())?;
         self.fusion.swiglu_backward(&dact, &mut gate, &mut up)?;
         drop(dact);
-        let mut dh2 = self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
-        self.project_backward_into(Proj::Up, lora, &up, &h2, xa[5].as_ref(), &mut dh2)?;
+        let [qkv, mlp] = SHARED_INPUT_GROUPS;
+        let mut dh2 = match &mlp_xa {
+            Some(xa_cat) => self.project_group_backward(lora, mlp, &[&gate, &up], &h2, xa_cat)?,
+            None => {
+                let mut dh2 =
+                    self.project_backward(Proj::Gate, lora, &gate, &h2, xa[4].as_ref())?;
+                self.project_backward_into(Proj::Up, lora, &up, &h2, xa[5].as_ref(), &mut dh2)?;
+                dh2
+            }
+        };
+        drop(mlp_xa);
         drop((gate, up, h2));
         self.fusion.rms_norm_backward_inplace(
             &mut dh2,
@@ -423,9 +558,17 @@ impl Layer<'_> {
             .fusion
             .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
         let (h1, rstd1) = (n1.y, n1.rstd);
-        let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
-        self.project_backward_into(Proj::K, lora, &dk, &h1, xa[1].as_ref(), &mut dh1)?;
-        self.project_backward_into(Proj::V, lora, &dv, &h1, xa[2].as_ref(), &mut dh1)?;
+        let mut dh1 = match &qkv_xa {
+            Some(xa_cat) => {
+                self.project_group_backward(lora, qkv, &[&dq, &dk, &dv], &h1, xa_cat)?
+            }
+            None => {
+                let mut dh1 = self.project_backward(Proj::Q, lora, &dq, &h1, xa[0].as_ref())?;
+                self.project_backward_into(Proj::K, lora, &dk, &h1, xa[1].as_ref(), &mut dh1)?;
+                self.project_backward_into(Proj::V, lora, &dv, &h1, xa[2].as_ref(), &mut dh1)?;
+                dh1
+            }
+        };
         self.fusion.rms_norm_backward_inplace(
             &mut dh1,
             x,

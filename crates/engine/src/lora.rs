@@ -3,7 +3,7 @@
 //! a [`tigon_model::Adapter`] (new or loaded from PEFT files) and written back into one to
 //! be saved.
 
-use tigon_kernels::ops::adamw::cast_multi_to_bf16;
+use tigon_kernels::ops::adamw::cast_multi_to_bf16_at;
 use tigon_kernels::ops::lora_linear::LoraLinear;
 use tigon_kernels::{DType, Device, Tensor};
 use tigon_model::{Adapter, ModelConfig, Projection};
@@ -29,6 +29,11 @@ pub struct LoraTensors {
     /// training step, so they are never stale.
     pub a_compute: Option<Tensor>,
     pub b_compute: Option<Tensor>,
+    /// On the first adapted projection of a [`SHARED_INPUT_GROUPS`] group, when the compute
+    /// copies were made grouped: the A of all the group's adapted projections stacked in
+    /// projection order (`[sum r, in]`, compute dtype), for the grouped LoRA op. Those
+    /// projections then have no `a_compute` of their own (the same bytes in one buffer).
+    pub a_group: Option<Tensor>,
 }
 
 impl LoraTensors {
@@ -57,6 +62,7 @@ impl LoraTensors {
             scaling,
             a_compute: None,
             b_compute: None,
+            a_group: None,
         })
     }
 
@@ -98,6 +104,29 @@ impl LoraTensors {
         (layer, da, db)
     }
 
+    /// This adapter's pieces for the grouped LoRA op's backward, borrowed together.
+    pub fn group_parts(&mut self) -> GroupParts<'_> {
+        let LoraTensors {
+            a,
+            b,
+            a_compute,
+            b_compute,
+            a_group,
+            scaling,
+            da,
+            db,
+            ..
+        } = self;
+        GroupParts {
+            a: a_compute.as_ref().unwrap_or(a),
+            a_group: a_group.as_ref(),
+            b: b_compute.as_ref().unwrap_or(b),
+            scaling: *scaling,
+            da,
+            db,
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.a.shape()[0]
     }
@@ -106,6 +135,26 @@ impl LoraTensors {
         self.a.elem_count() + self.b.elem_count()
     }
 }
+
+/// One adapter of a group as the grouped op's backward takes it: A in the compute dtype (or
+/// the master; for stacking when the group holds no stacked copy), the group's stacked A if
+/// this adapter holds it, B, the scaling and the dA, dB accumulators.
+pub struct GroupParts<'l> {
+    pub a: &'l Tensor,
+    pub a_group: Option<&'l Tensor>,
+    pub b: &'l Tensor,
+    pub scaling: f32,
+    pub da: &'l mut Tensor,
+    pub db: &'l mut Tensor,
+}
+
+/// The projections whose adapters read one shared input, in projection order: q, k, v (the
+/// normed layer input) and gate, up (the normed residual). The fused LoRA path batches each
+/// group's rank-r products ([`tigon_kernels::ops::lora_group`]).
+pub const SHARED_INPUT_GROUPS: [&[Projection]; 2] = [
+    &[Projection::Q, Projection::K, Projection::V],
+    &[Projection::Gate, Projection::Up],
+];
 
 /// LoRA on some projections of some layers, indexed `layers[i][projection as usize]`.
 pub struct LoraState {
@@ -203,27 +252,91 @@ impl LoraState {
 
     /// Round every A and B once to `dtype` for the GEMMs of one micro-batch (nothing to do
     /// for f32). The values are exactly what casting at each use gives.
-    /// On the GPU all of them are rounded in one multi-tensor launch.
+    /// On the GPU all of them are rounded in one multi-tensor launch. Without dropout the
+    /// A of each [`SHARED_INPUT_GROUPS`] group are stacked into one buffer
+    /// ([`LoraTensors::a_group`]) for the grouped op; see
+    /// [`LoraState::set_compute_copies_grouped`].
     pub fn set_compute_copies(&mut self, dtype: DType) -> Result<()> {
+        let grouped = self.dropout == 0.0;
+        self.set_compute_copies_grouped(dtype, grouped)
+    }
+
+    /// [`LoraState::set_compute_copies`], choosing whether grouped projections get one
+    /// stacked A per group (`grouped`: what the fused path without dropout reads) or an A
+    /// copy each (what the per-projection paths read: dropout, unfused LoRA). Either way
+    /// every A and B is rounded once, into the same total bytes.
+    pub fn set_compute_copies_grouped(&mut self, dtype: DType, grouped: bool) -> Result<()> {
         if dtype != DType::BF16 {
             return Ok(());
         }
+        let alloc = |shape: &[usize], like: &Tensor| -> Result<Tensor> {
+            Ok(match like.device() {
+                Device::Cuda(g) => Tensor::uninit_cuda(&g, shape, dtype)?,
+                Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu)?,
+            })
+        };
+        // Where each master goes: (destination index, element offset).
+        let mut masters: Vec<&Tensor> = Vec::new();
+        let mut at = Vec::new();
         let mut copies = Vec::new();
-        let mut masters = Vec::new();
-        for (_, _, t) in self.iter() {
-            for m in [&t.a, &t.b] {
-                copies.push(match m.device() {
-                    Device::Cuda(g) => Tensor::uninit_cuda(&g, m.shape(), dtype)?,
-                    Device::Cpu => Tensor::zeros(m.shape(), dtype, &Device::Cpu)?,
-                });
-                masters.push(m);
+        for layer in &self.layers {
+            let mut in_group = [false; 7];
+            if grouped {
+                for group in SHARED_INPUT_GROUPS {
+                    let members: Vec<&LoraTensors> = group
+                        .iter()
+                        .filter_map(|&p| layer[p as usize].as_ref())
+                        .collect();
+                    let Some(first) = members.first() else {
+                        continue;
+                    };
+                    let rows: usize = members.iter().map(|t| t.rank()).sum();
+                    let dst = copies.len();
+                    copies.push(alloc(&[rows, first.a.shape()[1]], &first.a)?);
+                    let mut offset = 0;
+                    for t in members {
+                        masters.push(&t.a);
+                        at.push((dst, offset));
+                        offset += t.a.elem_count();
+                    }
+                    for &p in group {
+                        in_group[p as usize] = true;
+                    }
+                }
+            }
+            for (p, t) in layer.iter().enumerate() {
+                let Some(t) = t else { continue };
+                let own: &[&Tensor] = if in_group[p] { &[&t.b] } else { &[&t.a, &t.b] };
+                for &m in own {
+                    at.push((copies.len(), 0));
+                    copies.push(alloc(m.shape(), m)?);
+                    masters.push(m);
+                }
             }
         }
-        cast_multi_to_bf16(&masters, &mut copies)?;
+        cast_multi_to_bf16_at(&masters, &mut copies, &at)?;
+        // Hand the copies out in the order they were made.
         let mut copies = copies.into_iter();
-        for (_, _, t) in self.iter_mut() {
-            t.a_compute = copies.next();
-            t.b_compute = copies.next();
+        for layer in &mut self.layers {
+            let mut in_group = [false; 7];
+            if grouped {
+                for group in SHARED_INPUT_GROUPS {
+                    let first = group.iter().find(|&&p| layer[p as usize].is_some());
+                    let Some(&first) = first else { continue };
+                    let t = layer[first as usize].as_mut().expect("found above");
+                    t.a_group = copies.next();
+                    for &p in group {
+                        in_group[p as usize] = true;
+                    }
+                }
+            }
+            for (p, t) in layer.iter_mut().enumerate() {
+                let Some(t) = t else { continue };
+                if !in_group[p] {
+                    t.a_compute = copies.next();
+                }
+                t.b_compute = copies.next();
+            }
         }
         Ok(())
     }
@@ -233,6 +346,7 @@ impl LoraState {
         for (_, _, t) in self.iter_mut() {
             t.a_compute = None;
             t.b_compute = None;
+            t.a_group = None;
         }
     }
 }
