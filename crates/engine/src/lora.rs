@@ -350,3 +350,110 @@ impl LoraState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tigon_kernels::rng::Rng;
+
+    fn adapter(rng: &mut Rng, r: usize, inp: usize, out: usize) -> LoraTensors {
+        let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.3)).unwrap();
+        let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.3)).unwrap();
+        LoraTensors::new(&a, &b, 2.0, &Device::Cpu).unwrap()
+    }
+
+    fn bf16_of(t: &Tensor) -> Vec<f32> {
+        tigon_kernels::ops::elementwise::cast(t, DType::BF16)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+    }
+
+    /// Grouped copies: each group's adapted A stacked in projection order on its first
+    /// adapted projection (ranks may differ, members may be missing), no A copy of their
+    /// own, B copies for all; projections outside the groups (o, down) keep their own A.
+    /// Ungrouped: an A copy for everyone. The same bytes either way, and clearing drops all.
+    #[test]
+    fn compute_copies_stack_each_groups_a() {
+        let mut rng = Rng::new(3);
+        let (h, f) = (8, 12);
+        let mut state = LoraState::empty(2);
+        // Layer 0: k (r 2) and v (r 3) of q/k/v, o, and up (r 4) alone in gate/up.
+        state.layers[0][Projection::K as usize] = Some(adapter(&mut rng, 2, h, 4));
+        state.layers[0][Projection::V as usize] = Some(adapter(&mut rng, 3, h, 4));
+        state.layers[0][Projection::O as usize] = Some(adapter(&mut rng, 2, h, h));
+        state.layers[0][Projection::Up as usize] = Some(adapter(&mut rng, 4, h, f));
+        // Layer 1: only down, outside every group.
+        state.layers[1][Projection::Down as usize] = Some(adapter(&mut rng, 5, f, h));
+        let bytes = |s: &LoraState| -> usize {
+            s.iter()
+                .map(|(_, _, t)| {
+                    [&t.a_compute, &t.b_compute, &t.a_group]
+                        .iter()
+                        .filter_map(|c| c.as_ref().map(|c| c.size_in_bytes()))
+                        .sum::<usize>()
+                })
+                .sum()
+        };
+        state
+            .set_compute_copies_grouped(DType::BF16, false)
+            .unwrap();
+        let ungrouped = bytes(&state);
+        for (_, _, t) in state.iter() {
+            assert!(t.a_group.is_none());
+            assert_eq!(
+                t.a_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.a)
+            );
+            assert_eq!(
+                t.b_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.b)
+            );
+        }
+        state.clear_compute_copies();
+        assert_eq!(bytes(&state), 0);
+        state.set_compute_copies(DType::BF16).unwrap(); // no dropout: grouped
+        assert_eq!(bytes(&state), ungrouped);
+        let l0 = &state.layers[0];
+        let (k, v) = (
+            l0[Projection::K as usize].as_ref().unwrap(),
+            l0[Projection::V as usize].as_ref().unwrap(),
+        );
+        let stacked = k.a_group.as_ref().unwrap();
+        assert_eq!(stacked.shape(), &[5, h]);
+        assert_eq!(
+            stacked.to_f32_vec().unwrap(),
+            [bf16_of(&k.a), bf16_of(&v.a)].concat()
+        );
+        assert!(k.a_compute.is_none() && v.a_compute.is_none() && v.a_group.is_none());
+        let up = l0[Projection::Up as usize].as_ref().unwrap();
+        assert_eq!(
+            up.a_group.as_ref().unwrap().to_f32_vec().unwrap(),
+            bf16_of(&up.a)
+        );
+        for p in [Projection::O, Projection::Down] {
+            let layer = if p == Projection::O { 0 } else { 1 };
+            let t = state.get(layer, p).unwrap();
+            assert!(t.a_group.is_none());
+            assert_eq!(
+                t.a_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.a)
+            );
+        }
+        for (_, _, t) in state.iter() {
+            assert_eq!(
+                t.b_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.b)
+            );
+        }
+        // With dropout the per-projection paths run: no stacking.
+        state.clear_compute_copies();
+        state.dropout = 0.1;
+        state.set_compute_copies(DType::BF16).unwrap();
+        assert!(state
+            .iter()
+            .all(|(_, _, t)| t.a_group.is_none() && t.a_compute.is_some()));
+        state.clear_compute_copies();
+        assert_eq!(bytes(&state), 0);
+    }
+}
