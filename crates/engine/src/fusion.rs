@@ -14,7 +14,8 @@
 //! - `linear_cross_entropy`: the full logits, an op-by-op cross-entropy, two gradient GEMMs;
 //! - `lora_linear`: each product its own GEMM, with the scaling, the bias, the branch sum
 //!   and the accumulation of dA, dB as separate kernels (the fused path folds them into
-//!   GEMM epilogues);
+//!   GEMM epilogues and, without dropout, batches the rank-r products of the adapters that
+//!   share an input, q/k/v and gate/up: `tigon_kernels::ops::lora_group`);
 //! - `adamw`: the gradient norm and the optimizer as one kernel per elementwise op per
 //!   tensor (torch's for-loop AdamW) instead of one multi-tensor launch each.
 //!

@@ -22,6 +22,12 @@
 //! the last time; the down projection takes its dA and dB before its dx is allocated, so
 //! `m` and its gradient are never live together.
 //!
+//! With the fused LoRA op and no dropout, the projections that share an input (q/k/v on
+//! h1, gate/up on h2) run as one group ([`lora_group_forward`]): one GEMM forms all their
+//! `x A^T` (saved as one `[n, sum r]` tensor), and the backward forms the adapters' whole
+//! share of the input gradient in one write-only GEMM, onto which the base GEMMs
+//! accumulate.
+//!
 //! With LoRA dropout (training only, [`LayerDropout`]) each adapter reads its own
 //! `dropout(x)`, made just before its GEMM and dropped right after; the backward makes it
 //! again from the same mask. Without dropout the code path is the plain one.
