@@ -533,15 +533,16 @@ impl Layer<'_> {
         };
         drop(mlp_xa);
         drop((gate, up, h2));
-        self.fusion.rms_norm_backward_inplace(
+        // dx2 = norm backward + dout (the residual stream), in one kernel.
+        self.fusion.rms_norm_backward_add_inplace(
             &mut dh2,
             &x2,
             &self.w.post_attention_layernorm,
             &rstd2,
             norm(s),
+            &dout,
         )?;
-        let mut dx2 = dh2;
-        add_inplace(&mut dx2, &dout, 1.0)?;
+        let dx2 = dh2;
         drop((dout, x2));
         let dattn = self.project_backward(Proj::O, lora, &dx2, &attn, xa[3].as_ref())?;
         let g = self.fusion.attention_backward(
@@ -575,16 +576,16 @@ impl Layer<'_> {
                 dh1
             }
         };
-        self.fusion.rms_norm_backward_inplace(
+        // dx = norm backward + dx2 (the residual stream), in one kernel.
+        self.fusion.rms_norm_backward_add_inplace(
             &mut dh1,
             x,
             &self.w.input_layernorm,
             &rstd1,
             norm(s),
+            &dx2,
         )?;
-        let mut dx = dh1;
-        add_inplace(&mut dx, &dx2, 1.0)?;
-        Ok(dx)
+        Ok(dh1)
     }
 }
 

@@ -29,7 +29,6 @@ use crate::check::{compare, random_pair, random_pair_par, CheckLine, GpuCheck};
 use crate::cuda::gemm::{GemmSpec, Operand};
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
-use crate::ops::adamw::cast_multi_to_bf16_at;
 use crate::ops::lora_linear::{
     as_dtype, lora_linear_backward, lora_linear_backward_accumulate, lora_linear_forward, output,
     rows_of, with_last, LoraLinear,
@@ -407,8 +406,9 @@ pub fn lora_group_backward(
 }
 
 /// `[sum rows, cols]` of `dtype` holding `parts` (2-D, one column count) stacked in order:
-/// a group's `a_cat` when no stacked compute copy was made beforehand. On the GPU f32
-/// parts go to bf16 in one launch; parts already in `dtype` are copied.
+/// a group's `a_cat` when no stacked compute copy was made beforehand (evaluation, f32).
+/// On the GPU parts of one dtype are copied into place and the stack is cast once (no
+/// chunk table to upload, no synchronisation); mixed dtypes are cast part by part.
 pub fn stack_rows(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
     const STACK: &str = "lora_group_stack";
     let cols = parts
@@ -436,30 +436,27 @@ pub fn stack_rows(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
             .collect();
         return Tensor::from_f32_as(&shape, vals, dtype);
     };
-    let mut out = Tensor::uninit_cuda(&gpu, &shape, dtype)?;
+    let one_dtype = parts.iter().all(|t| t.dtype() == parts[0].dtype());
+    let stack_dtype = if one_dtype && !parts.is_empty() {
+        parts[0].dtype()
+    } else {
+        dtype
+    };
+    let out = Tensor::uninit_cuda(&gpu, &shape, stack_dtype)?;
+    let size = stack_dtype.size_in_bytes();
     let mut offset = 0;
-    let mut f32_parts = Vec::new();
-    let mut at = Vec::new();
     for t in parts {
-        if dtype == DType::BF16 && t.dtype() == DType::F32 {
-            f32_parts.push(*t);
-            at.push((0, offset));
-        } else {
-            let mut slot = None;
-            let src = as_dtype(t, dtype, &mut slot)?;
-            let bytes = src.elem_count() * dtype.size_in_bytes();
-            gpu.copy_dtod_raw(
-                src.dptr(),
-                out.dptr() + (offset * dtype.size_in_bytes()) as u64,
-                bytes,
-            )?;
-        }
+        let mut slot = None;
+        let src = as_dtype(t, stack_dtype, &mut slot)?;
+        let dst = out.dptr() + (offset * size) as u64;
+        gpu.copy_dtod_raw(src.dptr(), dst, src.elem_count() * size)?;
         offset += t.elem_count();
     }
-    if !f32_parts.is_empty() {
-        cast_multi_to_bf16_at(&f32_parts, std::slice::from_mut(&mut out), &at)?;
+    if stack_dtype == dtype {
+        Ok(out)
+    } else {
+        crate::ops::elementwise::cast(&out, dtype)
     }
-    Ok(out)
 }
 
 pub const CHECK: GpuCheck = GpuCheck {
