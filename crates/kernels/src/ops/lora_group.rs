@@ -621,6 +621,26 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     for c in &cases {
         lines.extend(check_case(gpu, rng, c)?);
     }
+    // stack_rows from parts already in the target dtype (copies only) and from mixed
+    // dtypes (cast part by part): exact.
+    let (p1, g1) = random_pair(gpu, rng, &[16, 4096], bf, 0.02)?;
+    let (p2, g2) = random_pair(gpu, rng, &[8, 4096], f32_, 0.02)?;
+    let (p3, g3) = random_pair(gpu, rng, &[5, 4096], bf, 0.02)?;
+    for (parts, gparts, what) in [
+        ([&p1, &p3], [&g1, &g3], "bf16 parts -> bf16"),
+        ([&p1, &p2], [&g1, &g2], "bf16 + f32 parts -> bf16"),
+    ] {
+        let want = stack_rows(&parts, bf)?;
+        let got = stack_rows(&gparts, bf)?;
+        lines.push(crate::check::compare_with_tol(
+            OP,
+            &format!("stack_rows {what}"),
+            "stack",
+            &got,
+            &want,
+            f64::MIN_POSITIVE,
+        )?);
+    }
     Ok(lines)
 }
 
