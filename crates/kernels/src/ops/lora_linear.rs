@@ -277,6 +277,8 @@ fn input_grad_into(
 /// [`lora_linear_backward`] adding its input gradient onto `dx_acc` (`dx_acc += dy W +
 /// (s dy B) A`) through the GEMMs' beta instead of a new tensor and an add: for inputs
 /// shared by several projections (q, k, v; gate, up). The sum is rounded once per GEMM.
+/// Here the rank-r GEMM accumulates too (a read-modify-write of dx_acc);
+/// [`crate::ops::lora_group`] batches such projections so that it is written once instead.
 pub fn lora_linear_backward_accumulate(
     layer: &LoraLinear,
     dy: &Tensor,

@@ -601,7 +601,31 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rms_norm_backward_unfused(&dy, &x, &w, &f.rstd, p, false)?;
         Ok(())
     })?;
-    Ok(vec![fused, fused_fwd, unfused])
+    // The layer backward's norm with the residual stream's gradient: added in the kernel
+    // (reads dy, x, res; writes dx) against the in-place backward and a separate add (which
+    // reads dx and res again and rewrites dx).
+    let res = Tensor::from_f32_as(&[rows, cols], rng.normal_vec(rows * cols, 1.0), DType::BF16)?
+        .to_device(&dev)?;
+    let rstd = rms_norm_forward(&x, &w, p)?.rstd;
+    let res_floor = (4 * rows * cols * 2 + rows * 4) as f64;
+    let op = format!("{OP}_bwd_residual");
+    let with_res = measure(gpu, cfg, &op, "fused", &shape, res_floor, 0.0, || {
+        rms_norm_backward_add_inplace(&mut dy, &x, &w, &rstd, p, &res)
+    })?;
+    let separate = measure(
+        gpu,
+        cfg,
+        &op,
+        "separate-add",
+        &shape,
+        res_floor,
+        0.0,
+        || {
+            rms_norm_backward_inplace(&mut dy, &x, &w, &rstd, p)?;
+            crate::ops::elementwise::add_inplace(&mut dy, &res, 1.0)
+        },
+    )?;
+    Ok(vec![fused, fused_fwd, unfused, with_res, separate])
 }
 
 #[cfg(test)]
