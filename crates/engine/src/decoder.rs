@@ -335,9 +335,12 @@ impl Decoder {
     pub fn forward_backward(&mut self, batch: &Batch, num_items: Option<f32>) -> Result<StepLoss> {
         // With splits the fused op reads the fp32 masters and each layer's splits; the
         // bf16 copies would only serve the other paths, which cast on their own.
+        // Without splits: one stacked A per q/k/v and gate/up group when the layer runs
+        // them through the grouped op (fused LoRA, no dropout), an A each otherwise.
         if !self.uses_splits() {
+            let grouped = self.fusion.lora_linear && self.lora.dropout == 0.0;
             self.lora
-                .set_compute_copies(self.weights.embed_tokens.dtype())?;
+                .set_compute_copies_grouped(self.weights.embed_tokens.dtype(), grouped)?;
         }
         let out = self.run_forward_backward(batch, num_items);
         self.lora.clear_compute_copies();

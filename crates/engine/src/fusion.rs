@@ -6,7 +6,9 @@
 //!
 //! The switches, and what "off" runs instead:
 //! - `rms_norm`: the layer norms, the final norm and Qwen3's q/k norms as upcast, square,
-//!   mean, rsqrt, scale, downcast, weight multiply (and the backward through those);
+//!   mean, rsqrt, scale, downcast, weight multiply (and the backward through those; the
+//!   fused backward of a layer norm also adds the residual stream's gradient, which off is
+//!   a separate add);
 //! - `rope`: cos/sin tables built per call, `x cos + rotate_half(x) sin`;
 //! - `swiglu`: `silu(g)` stored, then `* u`; the backward's three products;
 //! - `attention`: `repeat_kv`, materialized `[heads, n, n]` scores per document, a causal
@@ -14,11 +16,12 @@
 //! - `linear_cross_entropy`: the full logits, an op-by-op cross-entropy, two gradient GEMMs;
 //! - `lora_linear`: each product its own GEMM, with the scaling, the bias, the branch sum
 //!   and the accumulation of dA, dB as separate kernels (the fused path folds them into
-//!   GEMM epilogues);
+//!   GEMM epilogues and, without dropout, batches the rank-r products of the adapters that
+//!   share an input, q/k/v and gate/up: `tigon_kernels::ops::lora_group`);
 //! - `adamw`: the gradient norm and the optimizer as one kernel per elementwise op per
 //!   tensor (torch's for-loop AdamW) instead of one multi-tensor launch each.
 //!
-//! The embedding gather, the residual adds and the bias add of a projection without an
+//! The embedding gather, the forward's residual adds and the bias add of a projection without an
 //! adapter are single kernels either way, so they have no switch. On the CPU every op has one
 //! implementation, the reference, so the switches change nothing there.
 
@@ -36,6 +39,7 @@ use tigon_kernels::ops::attention::{
     attention_backward, attention_backward_unfused, attention_forward, attention_forward_unfused,
     Attention, AttentionBackward, AttentionForward,
 };
+use tigon_kernels::ops::elementwise::add_inplace;
 use tigon_kernels::ops::fused_linear_cross_entropy::{
     fused_linear_cross_entropy, linear_cross_entropy_unfused, FlceOut, FusedLinearCrossEntropy,
 };
@@ -45,8 +49,8 @@ use tigon_kernels::ops::lora_linear::{
     LoraLinear,
 };
 use tigon_kernels::ops::rms_norm::{
-    rms_norm_backward, rms_norm_backward_inplace, rms_norm_backward_unfused, rms_norm_forward,
-    rms_norm_forward_unfused, RmsNorm, RmsNormForward,
+    rms_norm_backward, rms_norm_backward_add_inplace, rms_norm_backward_inplace,
+    rms_norm_backward_unfused, rms_norm_forward, rms_norm_forward_unfused, RmsNorm, RmsNormForward,
 };
 use tigon_kernels::ops::rope::{
     rope_backward, rope_backward_unfused, rope_forward, rope_forward_unfused, RopeConfig,
@@ -221,6 +225,25 @@ impl Fusion {
             rms_norm_backward_unfused(dy, x, w, rstd, p, false)?
         };
         Ok(b.dx)
+    }
+
+    /// dx plus `residual` (the residual stream's gradient) written over `dy`: one kernel
+    /// (fused), or the backward replacing `dy` and then the add (unfused).
+    pub(crate) fn rms_norm_backward_add_inplace(
+        &self,
+        dy: &mut Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        p: RmsNorm,
+        residual: &Tensor,
+    ) -> KResult<()> {
+        if self.rms_norm {
+            rms_norm_backward_add_inplace(dy, x, w, rstd, p, residual)
+        } else {
+            *dy = rms_norm_backward_unfused(dy, x, w, rstd, p, false)?.dx;
+            add_inplace(dy, residual, 1.0)
+        }
     }
 
     /// dx written over `dy` (fused), or replacing it (unfused).

@@ -3,7 +3,7 @@
 //! a [`tigon_model::Adapter`] (new or loaded from PEFT files) and written back into one to
 //! be saved.
 
-use tigon_kernels::ops::adamw::cast_multi_to_bf16;
+use tigon_kernels::ops::adamw::cast_multi_to_bf16_at;
 use tigon_kernels::ops::lora_linear::LoraLinear;
 use tigon_kernels::ops::lora_split::LoraSplit;
 use tigon_kernels::{DType, Device, Tensor};
@@ -30,6 +30,11 @@ pub struct LoraTensors {
     /// training step, so they are never stale.
     pub a_compute: Option<Tensor>,
     pub b_compute: Option<Tensor>,
+    /// On the first adapted projection of a [`SHARED_INPUT_GROUPS`] group, when the compute
+    /// copies were made grouped: the A of all the group's adapted projections stacked in
+    /// projection order (`[sum r, in]`, compute dtype), for the grouped LoRA op. Those
+    /// projections then have no `a_compute` of their own (the same bytes in one buffer).
+    pub a_group: Option<Tensor>,
 }
 
 impl LoraTensors {
@@ -58,6 +63,7 @@ impl LoraTensors {
             scaling,
             a_compute: None,
             b_compute: None,
+            a_group: None,
         })
     }
 
@@ -101,6 +107,29 @@ impl LoraTensors {
         (layer, da, db)
     }
 
+    /// This adapter's pieces for the grouped LoRA op's backward, borrowed together.
+    pub fn group_parts(&mut self) -> GroupParts<'_> {
+        let LoraTensors {
+            a,
+            b,
+            a_compute,
+            b_compute,
+            a_group,
+            scaling,
+            da,
+            db,
+            ..
+        } = self;
+        GroupParts {
+            a: a_compute.as_ref().unwrap_or(a),
+            a_group: a_group.as_ref(),
+            b: b_compute.as_ref().unwrap_or(b),
+            scaling: *scaling,
+            da,
+            db,
+        }
+    }
+
     pub fn rank(&self) -> usize {
         self.a.shape()[0]
     }
@@ -123,6 +152,26 @@ impl LoraTensors {
         self.a.elem_count() + self.b.elem_count()
     }
 }
+
+/// One adapter of a group as the grouped op's backward takes it: A in the compute dtype (or
+/// the master; for stacking when the group holds no stacked copy), the group's stacked A if
+/// this adapter holds it, B, the scaling and the dA, dB accumulators.
+pub struct GroupParts<'l> {
+    pub a: &'l Tensor,
+    pub a_group: Option<&'l Tensor>,
+    pub b: &'l Tensor,
+    pub scaling: f32,
+    pub da: &'l mut Tensor,
+    pub db: &'l mut Tensor,
+}
+
+/// The projections whose adapters read one shared input, in projection order: q, k, v (the
+/// normed layer input) and gate, up (the normed residual). The fused LoRA path batches each
+/// group's rank-r products ([`tigon_kernels::ops::lora_group`]).
+pub const SHARED_INPUT_GROUPS: [&[Projection]; 2] = [
+    &[Projection::Q, Projection::K, Projection::V],
+    &[Projection::Gate, Projection::Up],
+];
 
 /// LoRA on some projections of some layers, indexed `layers[i][projection as usize]`.
 pub struct LoraState {
@@ -272,27 +321,91 @@ impl LoraState {
 
     /// Round every A and B once to `dtype` for the GEMMs of one micro-batch (nothing to do
     /// for f32). The values are exactly what casting at each use gives.
-    /// On the GPU all of them are rounded in one multi-tensor launch.
+    /// On the GPU all of them are rounded in one multi-tensor launch. Without dropout the
+    /// A of each [`SHARED_INPUT_GROUPS`] group are stacked into one buffer
+    /// ([`LoraTensors::a_group`]) for the grouped op; see
+    /// [`LoraState::set_compute_copies_grouped`].
     pub fn set_compute_copies(&mut self, dtype: DType) -> Result<()> {
+        let grouped = self.dropout == 0.0;
+        self.set_compute_copies_grouped(dtype, grouped)
+    }
+
+    /// [`LoraState::set_compute_copies`], choosing whether grouped projections get one
+    /// stacked A per group (`grouped`: what the fused path without dropout reads) or an A
+    /// copy each (what the per-projection paths read: dropout, unfused LoRA). Either way
+    /// every A and B is rounded once, into the same total bytes.
+    pub fn set_compute_copies_grouped(&mut self, dtype: DType, grouped: bool) -> Result<()> {
         if dtype != DType::BF16 {
             return Ok(());
         }
+        let alloc = |shape: &[usize], like: &Tensor| -> Result<Tensor> {
+            Ok(match like.device() {
+                Device::Cuda(g) => Tensor::uninit_cuda(&g, shape, dtype)?,
+                Device::Cpu => Tensor::zeros(shape, dtype, &Device::Cpu)?,
+            })
+        };
+        // Where each master goes: (destination index, element offset).
+        let mut masters: Vec<&Tensor> = Vec::new();
+        let mut at = Vec::new();
         let mut copies = Vec::new();
-        let mut masters = Vec::new();
-        for (_, _, t) in self.iter() {
-            for m in [&t.a, &t.b] {
-                copies.push(match m.device() {
-                    Device::Cuda(g) => Tensor::uninit_cuda(&g, m.shape(), dtype)?,
-                    Device::Cpu => Tensor::zeros(m.shape(), dtype, &Device::Cpu)?,
-                });
-                masters.push(m);
+        for layer in &self.layers {
+            let mut in_group = [false; 7];
+            if grouped {
+                for group in SHARED_INPUT_GROUPS {
+                    let members: Vec<&LoraTensors> = group
+                        .iter()
+                        .filter_map(|&p| layer[p as usize].as_ref())
+                        .collect();
+                    let Some(first) = members.first() else {
+                        continue;
+                    };
+                    let rows: usize = members.iter().map(|t| t.rank()).sum();
+                    let dst = copies.len();
+                    copies.push(alloc(&[rows, first.a.shape()[1]], &first.a)?);
+                    let mut offset = 0;
+                    for t in members {
+                        masters.push(&t.a);
+                        at.push((dst, offset));
+                        offset += t.a.elem_count();
+                    }
+                    for &p in group {
+                        in_group[p as usize] = true;
+                    }
+                }
+            }
+            for (p, t) in layer.iter().enumerate() {
+                let Some(t) = t else { continue };
+                let own: &[&Tensor] = if in_group[p] { &[&t.b] } else { &[&t.a, &t.b] };
+                for &m in own {
+                    at.push((copies.len(), 0));
+                    copies.push(alloc(m.shape(), m)?);
+                    masters.push(m);
+                }
             }
         }
-        cast_multi_to_bf16(&masters, &mut copies)?;
+        cast_multi_to_bf16_at(&masters, &mut copies, &at)?;
+        // Hand the copies out in the order they were made.
         let mut copies = copies.into_iter();
-        for (_, _, t) in self.iter_mut() {
-            t.a_compute = copies.next();
-            t.b_compute = copies.next();
+        for layer in &mut self.layers {
+            let mut in_group = [false; 7];
+            if grouped {
+                for group in SHARED_INPUT_GROUPS {
+                    let first = group.iter().find(|&&p| layer[p as usize].is_some());
+                    let Some(&first) = first else { continue };
+                    let t = layer[first as usize].as_mut().expect("found above");
+                    t.a_group = copies.next();
+                    for &p in group {
+                        in_group[p as usize] = true;
+                    }
+                }
+            }
+            for (p, t) in layer.iter_mut().enumerate() {
+                let Some(t) = t else { continue };
+                if !in_group[p] {
+                    t.a_compute = copies.next();
+                }
+                t.b_compute = copies.next();
+            }
         }
         Ok(())
     }
@@ -302,6 +415,114 @@ impl LoraState {
         for (_, _, t) in self.iter_mut() {
             t.a_compute = None;
             t.b_compute = None;
+            t.a_group = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tigon_kernels::rng::Rng;
+
+    fn adapter(rng: &mut Rng, r: usize, inp: usize, out: usize) -> LoraTensors {
+        let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.3)).unwrap();
+        let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.3)).unwrap();
+        LoraTensors::new(&a, &b, 2.0, &Device::Cpu).unwrap()
+    }
+
+    fn bf16_of(t: &Tensor) -> Vec<f32> {
+        tigon_kernels::ops::elementwise::cast(t, DType::BF16)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+    }
+
+    /// Grouped copies: each group's adapted A stacked in projection order on its first
+    /// adapted projection (ranks may differ, members may be missing), no A copy of their
+    /// own, B copies for all; projections outside the groups (o, down) keep their own A.
+    /// Ungrouped: an A copy for everyone. The same bytes either way, and clearing drops all.
+    #[test]
+    fn compute_copies_stack_each_groups_a() {
+        let mut rng = Rng::new(3);
+        let (h, f) = (8, 12);
+        let mut state = LoraState::empty(2);
+        // Layer 0: k (r 2) and v (r 3) of q/k/v, o, and up (r 4) alone in gate/up.
+        state.layers[0][Projection::K as usize] = Some(adapter(&mut rng, 2, h, 4));
+        state.layers[0][Projection::V as usize] = Some(adapter(&mut rng, 3, h, 4));
+        state.layers[0][Projection::O as usize] = Some(adapter(&mut rng, 2, h, h));
+        state.layers[0][Projection::Up as usize] = Some(adapter(&mut rng, 4, h, f));
+        // Layer 1: only down, outside every group.
+        state.layers[1][Projection::Down as usize] = Some(adapter(&mut rng, 5, f, h));
+        let bytes = |s: &LoraState| -> usize {
+            s.iter()
+                .map(|(_, _, t)| {
+                    [&t.a_compute, &t.b_compute, &t.a_group]
+                        .iter()
+                        .filter_map(|c| c.as_ref().map(|c| c.size_in_bytes()))
+                        .sum::<usize>()
+                })
+                .sum()
+        };
+        state
+            .set_compute_copies_grouped(DType::BF16, false)
+            .unwrap();
+        let ungrouped = bytes(&state);
+        for (_, _, t) in state.iter() {
+            assert!(t.a_group.is_none());
+            assert_eq!(
+                t.a_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.a)
+            );
+            assert_eq!(
+                t.b_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.b)
+            );
+        }
+        state.clear_compute_copies();
+        assert_eq!(bytes(&state), 0);
+        state.set_compute_copies(DType::BF16).unwrap(); // no dropout: grouped
+        assert_eq!(bytes(&state), ungrouped);
+        let l0 = &state.layers[0];
+        let (k, v) = (
+            l0[Projection::K as usize].as_ref().unwrap(),
+            l0[Projection::V as usize].as_ref().unwrap(),
+        );
+        let stacked = k.a_group.as_ref().unwrap();
+        assert_eq!(stacked.shape(), &[5, h]);
+        assert_eq!(
+            stacked.to_f32_vec().unwrap(),
+            [bf16_of(&k.a), bf16_of(&v.a)].concat()
+        );
+        assert!(k.a_compute.is_none() && v.a_compute.is_none() && v.a_group.is_none());
+        let up = l0[Projection::Up as usize].as_ref().unwrap();
+        assert_eq!(
+            up.a_group.as_ref().unwrap().to_f32_vec().unwrap(),
+            bf16_of(&up.a)
+        );
+        for p in [Projection::O, Projection::Down] {
+            let layer = if p == Projection::O { 0 } else { 1 };
+            let t = state.get(layer, p).unwrap();
+            assert!(t.a_group.is_none());
+            assert_eq!(
+                t.a_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.a)
+            );
+        }
+        for (_, _, t) in state.iter() {
+            assert_eq!(
+                t.b_compute.as_ref().unwrap().to_f32_vec().unwrap(),
+                bf16_of(&t.b)
+            );
+        }
+        // With dropout the per-projection paths run: no stacking.
+        state.clear_compute_copies();
+        state.dropout = 0.1;
+        state.set_compute_copies(DType::BF16).unwrap();
+        assert!(state
+            .iter()
+            .all(|(_, _, t)| t.a_group.is_none() && t.a_compute.is_some()));
+        state.clear_compute_copies();
+        assert_eq!(bytes(&state), 0);
     }
 }

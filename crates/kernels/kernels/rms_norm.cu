@@ -61,13 +61,17 @@ __device__ __forceinline__ void rms_norm_forward_vec(const T* __restrict__ x, co
 // dy and dx may be one buffer (dx written over dy, without DW): each thread loads its
 // elements of dy before the row's barrier and stores the same elements after it, so they
 // carry no __restrict__.
+// res (may be null): a gradient added to dx in the same pass (the residual path's gradient
+// reaching the norm's input), so dx = bf16(norm backward + res) is rounded once and no
+// separate add reads and rewrites dx. It is a buffer of its own (never dy or dx).
 // dw_partial: [gridDim.x, cols] f32, written only when DW (a template parameter, so that
 // without it the accumulators take no registers and more rows stay in flight).
 template <typename T, int MAXV, bool DW>
 __device__ __forceinline__ void rms_norm_backward_vec(const T* dy, const T* __restrict__ x,
                                                       const T* __restrict__ w, const float* __restrict__ rstd,
                                                       T* dx, float* __restrict__ dw_partial,
-                                                      int rows, int cols, int gemma) {
+                                                      int rows, int cols, int gemma,
+                                                      const T* __restrict__ res) {
     __shared__ float scratch[32];
     const int chunks = cols >> 3;
     float wv[MAXV][8], acc[MAXV][8];
@@ -111,6 +115,12 @@ __device__ __forceinline__ void rms_norm_backward_vec(const T* dy, const T* __re
                 float o[8];
                 #pragma unroll
                 for (int j = 0; j < 8; j++) o[j] = r * (g[i][j] - xn[i][j] * dot);
+                if (res) {
+                    float rv[8];
+                    load8(res + off + c * 8, rv);
+                    #pragma unroll
+                    for (int j = 0; j < 8; j++) o[j] += rv[j];
+                }
                 store8(dx + off + c * 8, o);
             }
         }
@@ -149,7 +159,8 @@ __device__ __forceinline__ void rms_norm_forward_any(const T* x, const T* w, T* 
 
 template <typename T>
 __device__ __forceinline__ void rms_norm_backward_any(const T* dy, const T* x, const T* w, const float* rstd,
-                                                      T* dx, float* dw_partial, int rows, int cols, int gemma) {
+                                                      T* dx, float* dw_partial, int rows, int cols, int gemma,
+                                                      const T* res) {
     __shared__ float scratch[32];
     for (int row = blockIdx.x; row < rows; row += gridDim.x) {
         const size_t off = (size_t)row * cols;
@@ -163,7 +174,9 @@ __device__ __forceinline__ void rms_norm_backward_any(const T* dy, const T* x, c
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             float wc = to_float(w[c]) + (gemma ? 1.0f : 0.0f);
             float xn = to_float(x[off + c]) * r;
-            dx[off + c] = from_float<T>(r * (to_float(dy[off + c]) * wc - xn * dot));
+            float o = r * (to_float(dy[off + c]) * wc - xn * dot);
+            if (res) o += to_float(res[off + c]);
+            dx[off + c] = from_float<T>(o);
         }
     }
     if (dw_partial) {
@@ -196,11 +209,11 @@ extern "C" __global__ void rms_norm_forward_vec##V##_##S(const T* x, const T* w,
         int rows, int cols, float eps, int gemma) {                                                \
     rms_norm_forward_vec<T, V>(x, w, y, rstd, rows, cols, eps, gemma); }                           \
 extern "C" __global__ void rms_norm_backward_vec##V##_##S(const T* dy, const T* x, const T* w,     \
-        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma) {                     \
-    rms_norm_backward_vec<T, V, false>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }              \
+        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma, const T* res) {       \
+    rms_norm_backward_vec<T, V, false>(dy, x, w, rstd, dx, dwp, rows, cols, gemma, res); }         \
 extern "C" __global__ void rms_norm_backward_vec##V##_dw_##S(const T* dy, const T* x, const T* w,  \
-        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma) {                     \
-    rms_norm_backward_vec<T, V, true>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }
+        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma, const T* res) {       \
+    rms_norm_backward_vec<T, V, true>(dy, x, w, rstd, dx, dwp, rows, cols, gemma, res); }
 
 #define INSTANTIATE(T, S)                                                                          \
 INSTANTIATE_VEC(T, S, 2)                                                                           \
@@ -209,8 +222,8 @@ extern "C" __global__ void rms_norm_forward_any_##S(const T* x, const T* w, T* y
         int rows, int cols, float eps, int gemma) {                                                \
     rms_norm_forward_any<T>(x, w, y, rstd, rows, cols, eps, gemma); }                              \
 extern "C" __global__ void rms_norm_backward_any_##S(const T* dy, const T* x, const T* w,         \
-        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma) {                     \
-    rms_norm_backward_any<T>(dy, x, w, rstd, dx, dwp, rows, cols, gemma); }
+        const float* rstd, T* dx, float* dwp, int rows, int cols, int gemma, const T* res) {       \
+    rms_norm_backward_any<T>(dy, x, w, rstd, dx, dwp, rows, cols, gemma, res); }
 
 INSTANTIATE(bf16, bf16)
 INSTANTIATE(float, f32)

@@ -274,6 +274,16 @@ impl Gpu {
             .call("cuMemcpyDtoDAsync")
     }
 
+    /// Copy `bytes` between raw device addresses (parts of buffers), in stream order.
+    pub(crate) fn copy_dtod_raw(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.cu_stream()) }
+            .call("cuMemcpyDtoDAsync")
+    }
+
     /// Wait for all work on the stream; surfaces any asynchronous kernel fault.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;

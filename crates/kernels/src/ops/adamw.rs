@@ -115,30 +115,70 @@ pub fn cast_multi_to_bf16(src: &[&Tensor], dst: &mut [Tensor]) -> Result<()> {
             format!("{} sources and {} destinations", src.len(), dst.len()),
         ));
     }
-    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * src.len());
     for (s, d) in src.iter().zip(dst.iter()) {
-        expect_dtype(CAST_OP, "src", s, &[DType::F32])?;
-        expect_dtype(CAST_OP, "dst", d, &[DType::BF16])?;
         if s.shape() != d.shape() {
             return Err(KernelError::shape(
                 CAST_OP,
                 format!("src {:?} and dst {:?}", s.shape(), d.shape()),
             ));
         }
+    }
+    let at: Vec<(usize, usize)> = (0..src.len()).map(|i| (i, 0)).collect();
+    cast_multi_to_bf16_at(src, dst, &at)
+}
+
+/// [`cast_multi_to_bf16`] into parts of the destinations: `src[i]` is rounded into
+/// `dst[at[i].0]` from element `at[i].1` on (row-major), so several tensors can be
+/// stacked into one buffer in the same single launch (the LoRA A of projections that
+/// share an input).
+pub fn cast_multi_to_bf16_at(
+    src: &[&Tensor],
+    dst: &mut [Tensor],
+    at: &[(usize, usize)],
+) -> Result<()> {
+    if src.len() != at.len() {
+        return Err(KernelError::invalid(
+            CAST_OP,
+            format!("{} sources and {} destination places", src.len(), at.len()),
+        ));
+    }
+    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(src.len() + dst.len());
+    for s in src {
+        expect_dtype(CAST_OP, "src", s, &[DType::F32])?;
         named.push(("src", s));
+    }
+    for d in dst.iter() {
+        expect_dtype(CAST_OP, "dst", d, &[DType::BF16])?;
         named.push(("dst", d));
     }
+    for (s, &(j, off)) in src.iter().zip(at) {
+        let fits = dst
+            .get(j)
+            .is_some_and(|d| off + s.elem_count() <= d.elem_count());
+        if !fits {
+            return Err(KernelError::shape(
+                CAST_OP,
+                format!(
+                    "src {:?} does not fit destination {j} at element {off} ({} destinations)",
+                    s.shape(),
+                    dst.len()
+                ),
+            ));
+        }
+    }
     let Some(gpu) = common_gpu(CAST_OP, &named)? else {
-        for (s, d) in src.iter().zip(dst.iter_mut()) {
-            *d = cast(s, DType::BF16)?;
+        for (s, &(j, off)) in src.iter().zip(at) {
+            let mut vals = dst[j].cpu_f32().into_owned();
+            vals[off..off + s.elem_count()].copy_from_slice(&s.cpu_f32());
+            dst[j].cpu_store_f32(&vals);
         }
         return Ok(());
     };
     let mut table = Vec::new();
-    for (s, d) in src.iter().zip(dst.iter()) {
+    for (s, &(j, off)) in src.iter().zip(at) {
         push_chunks_sized(
             &mut table,
-            [s.dptr(), d.dptr(), 0, 0],
+            [s.dptr(), dst[j].dptr() + 2 * off as u64, 0, 0],
             [4, 2, 0, 0],
             s.elem_count(),
         );
@@ -684,6 +724,45 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             f64::MIN_POSITIVE,
         )?);
     }
+    // Stacked: odd-sized tensors into two buffers at running offsets (the LoRA A of q/k/v
+    // with ranks 16, 8, 5 and of gate/up), against the CPU's stacking: bit-exact.
+    {
+        let parts: [(usize, [usize; 2]); 5] = [
+            (0, [16, 4096]),
+            (0, [8, 4096]),
+            (0, [5, 4096]),
+            (1, [7, 333]),
+            (1, [16, 333]),
+        ];
+        let lens = [29 * 4096, 23 * 333];
+        let (mut cpu_src, mut gpu_src, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = [0usize; 2];
+        for (j, s) in parts {
+            let (c, g) = random_pair(gpu, rng, &s, DType::F32, 0.05)?;
+            cpu_src.push(c);
+            gpu_src.push(g);
+            at.push((j, next[j]));
+            next[j] += s[0] * s[1];
+        }
+        let mut cpu_dst = Vec::new();
+        let mut gpu_dst = Vec::new();
+        for n in lens {
+            cpu_dst.push(Tensor::zeros(&[n], DType::BF16, &crate::Device::Cpu)?);
+            gpu_dst.push(Tensor::uninit_cuda(gpu, &[n], DType::BF16)?);
+        }
+        cast_multi_to_bf16_at(&cpu_src.iter().collect::<Vec<_>>(), &mut cpu_dst, &at)?;
+        cast_multi_to_bf16_at(&gpu_src.iter().collect::<Vec<_>>(), &mut gpu_dst, &at)?;
+        for (j, (g, c)) in gpu_dst.iter().zip(&cpu_dst).enumerate() {
+            lines.push(compare_with_tol(
+                CAST_OP,
+                &format!("stacked into buffer {j} (q/k/v, gate/up A)"),
+                "bf16 stack",
+                g,
+                c,
+                f64::MIN_POSITIVE,
+            )?);
+        }
+    }
     // (shapes, steps, clipping max norm, zero grads, fresh moments, what)
     type Case<'s> = (&'s [[usize; 2]], u64, Option<f32>, bool, bool, &'static str);
     let cases: [Case; 4] = [
@@ -1077,6 +1156,38 @@ mod tests {
         let second = &table[WORDS..2 * WORDS];
         let off = (CHUNK * 4) as u64;
         assert_eq!(second[..4], [1000 + off, 2000 + off, 0, 4000 + off]);
+    }
+
+    /// Casting into places of shared buffers stacks the tensors at their offsets and leaves
+    /// the rest; a part that does not fit is a named error.
+    #[test]
+    fn cast_multi_at_stacks_into_offsets() {
+        let mut rng = Rng::new(6);
+        let src: Vec<Tensor> = [[2, 5], [3, 5], [1, 4]]
+            .iter()
+            .map(|s| Tensor::from_f32(s, rng.normal_vec(s[0] * s[1], 0.3)).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = src.iter().collect();
+        let mut dst = vec![
+            Tensor::from_f32_as(&[5, 5], vec![7.0; 25], DType::BF16).unwrap(),
+            Tensor::from_f32_as(&[6], vec![7.0; 6], DType::BF16).unwrap(),
+        ];
+        cast_multi_to_bf16_at(&refs, &mut dst, &[(0, 0), (0, 10), (1, 1)]).unwrap();
+        let rounded = |t: &Tensor| cast(t, DType::BF16).unwrap().to_f32_vec().unwrap();
+        let first = dst[0].to_f32_vec().unwrap();
+        assert_eq!(first[..10], rounded(&src[0])[..]);
+        assert_eq!(first[10..25], rounded(&src[1])[..]);
+        let second = dst[1].to_f32_vec().unwrap();
+        assert_eq!(second[0], 7.0);
+        assert_eq!(second[1..5], rounded(&src[2])[..]);
+        assert_eq!(second[5], 7.0);
+        let err = cast_multi_to_bf16_at(&refs[..1], &mut dst, &[(1, 0)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cast_multi") && err.contains("[2, 5]"),
+            "{err}"
+        );
     }
 
     /// On the CPU the multi-tensor cast is the per-tensor cast; bad pairs are named errors.

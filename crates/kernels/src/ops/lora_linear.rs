@@ -3,10 +3,13 @@
 //!
 //! Shapes follow PEFT: `W [out, in]` (frozen, x's dtype), `A [r, in]`, `B [out, r]`, `x [.., in]`.
 //! `x_d` is x or a dropout of x the caller made. Every product is a GEMM (cuBLAS on the GPU,
-//! bf16 or f32 in, fp32 accumulate), ordered so the rank-r products come first and
-//! `W + s B A` is never formed: the forward saves only `xa = x_d A^T [n, r]`, and the
-//! backward accumulates into the existing outputs with `beta = 1` instead of allocating
-//! `[n, out]` or `[n, in]` temporaries. No gradient is computed for W.
+//! bf16 or f32 in, fp32 accumulate) and `W + s B A` is never formed: the forward saves only
+//! `xa = x_d A^T [n, r]`. The rank-r term is written first (beta = 0, a write-only GEMM) and
+//! the compute-bound base GEMM then adds onto it (beta = 1), which reads C nearly for free;
+//! the other order would make the rank-r GEMM a read-modify-write of the whole output,
+//! pure memory traffic. The backward's input gradient is ordered the same way, and dA, dB
+//! accumulate into the caller's buffers with beta = 1 instead of `[n, out]` temporaries.
+//! No gradient is computed for W.
 //!
 //! A and B are usually fp32 master weights while x is bf16: they are cast to x's dtype for
 //! the GEMMs (r x (in + out) elements, negligible), and the gradients `dA`, `dB` come out of
@@ -15,14 +18,17 @@
 //!
 //! With [`LoraLinear::split`] (bf16 x; what the engine uses by default), the four rank-r
 //! products are computed to fp32 accuracy, as PEFT's fp32 adapter path over a bf16 base is,
-//! through bf16 hi/lo splits of A, B and the rank-r activations ([`crate::ops::lora_split`]):
-//! `y = bf16(bf16(x W^T + bias) + s xa B^T)` with `xa` and `s xa B^T` fp32-accurate, dA and dB
-//! fp32-accurate, `dx = bf16(bf16(dy W) + dxa A)`; the saved `xa` is then the `[.., 3r]` split.
+//! through bf16 hi/lo splits of A, B and the rank-r activations ([`crate::ops::lora_split`]);
+//! the saved `xa` is then the `[.., 3r]` split. Without a split (bf16 x), `xa` and
+//! `dxa = s dy B` are bf16 intermediates.
 //!
-//! Without a split, rounding (bf16 x): `xa`, `y` and `dx` are stored in bf16, each GEMM rounding once:
-//! `y = bf16(bf16(x W^T + bias) + s xa B^T)`, `dx = bf16(bf16(dy W) + dxa A)`, and
-//! `dxa = s dy B` is a bf16 intermediate. The CPU reference is the same composition through the CPU GEMM,
-//! so it rounds at exactly the same places.
+//! Rounding (bf16 x): `y` and `dx` are stored in bf16, each GEMM rounding once, in the order
+//! [`rank_r_first`] picks: for an output wider than the reduction (gate/up forward, down's
+//! input gradient) the rank-r term is written first and the base GEMM adds onto it,
+//! `y = bf16(x W^T + bf16(bias + s xa B^T))`; otherwise the base product first,
+//! `y = bf16(bf16(x W^T + bias) + s xa B^T)`, and the same for `dx` with `dy W` and `dxa A`.
+//! The CPU reference is the same composition through the CPU GEMM, so it rounds at exactly
+//! the same places.
 
 use std::sync::Arc;
 
@@ -136,7 +142,7 @@ fn check_layer(layer: &LoraLinear, x: &Tensor) -> Result<Dims> {
 }
 
 /// x's shape with the last dim replaced.
-fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
+pub(crate) fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
     let mut s = x.shape().to_vec();
     *s.last_mut().expect("x has a feature dim") = last;
     s
@@ -144,7 +150,7 @@ fn with_last(x: &Tensor, last: usize) -> Vec<usize> {
 
 /// An output buffer on the inputs' device: uninitialised on the GPU (every element is
 /// written by a GEMM with beta = 0), zeros on the CPU.
-fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+pub(crate) fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     match gpu {
         Some(g) => Tensor::uninit_cuda(g, shape, dtype),
         None => Tensor::zeros(shape, dtype, &Device::Cpu),
@@ -152,7 +158,11 @@ fn output(gpu: &Option<Arc<Gpu>>, shape: &[usize], dtype: DType) -> Result<Tenso
 }
 
 /// `t` itself when it already has `dtype`, else a rounded copy held in `slot`.
-fn as_dtype<'t>(t: &'t Tensor, dtype: DType, slot: &'t mut Option<Tensor>) -> Result<&'t Tensor> {
+pub(crate) fn as_dtype<'t>(
+    t: &'t Tensor,
+    dtype: DType,
+    slot: &'t mut Option<Tensor>,
+) -> Result<&'t Tensor> {
     if t.dtype() == dtype {
         return Ok(t);
     }
@@ -160,7 +170,7 @@ fn as_dtype<'t>(t: &'t Tensor, dtype: DType, slot: &'t mut Option<Tensor>) -> Re
 }
 
 /// `y[r, :] = bias` for every row.
-fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn rows_of(gpu: &Option<Arc<Gpu>>, bias: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let cols = bias.elem_count();
     let rows = shape.iter().product::<usize>() / cols;
     match gpu {
@@ -211,22 +221,23 @@ pub fn lora_linear_forward(
     let (d, gpu) = check_forward(layer, x, x_lora)?;
     let dt = x.dtype();
     let y_shape = with_last(x, d.out);
-    let base = |y: &mut Option<Tensor>| -> Result<()> {
-        let (mut t, beta) = match layer.bias {
-            // The base GEMM adds onto the bias rows: x W^T + bias rounded once, as F.linear.
-            Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
-            None => (output(&gpu, &y_shape, dt)?, 0.0),
-        };
-        matmul_into(x, false, layer.w, true, &mut t, 1.0, beta)?;
-        *y = Some(t);
-        Ok(())
+    // The output starts as the bias rows (added onto, beta 1) or uninitialised (beta 0).
+    let (mut y, beta) = match layer.bias {
+        Some(bias) => (rows_of(&gpu, bias, &y_shape)?, 1.0),
+        None => (output(&gpu, &y_shape, dt)?, 0.0),
     };
-    let mut y = None;
+    let lora_first = rank_r_first(d.out, d.inp);
+    let base = |y: &mut Tensor, beta: f32| matmul_into(x, false, layer.w, true, y, 1.0, beta);
     if let Some(sp) = layer.split_for(dt) {
         let xa = split_xa(x_lora.unwrap_or(x), sp)?;
-        base(&mut y)?;
-        let mut y = y.expect("base output");
-        split_update_into(&xa, sp, &mut y, layer.scaling, 1.0)?;
+        let update = |y: &mut Tensor, beta: f32| split_update_into(&xa, sp, y, layer.scaling, beta);
+        if lora_first {
+            update(&mut y, beta)?;
+            base(&mut y, 1.0)?;
+        } else {
+            base(&mut y, beta)?;
+            update(&mut y, 1.0)?;
+        }
         return Ok(LoraForward { y, xa });
     }
     let (mut a_slot, mut b_slot) = (None, None);
@@ -234,9 +245,15 @@ pub fn lora_linear_forward(
     let b = as_dtype(layer.b, dt, &mut b_slot)?;
     let mut xa = output(&gpu, &with_last(x, d.r), dt)?;
     matmul_into(x_lora.unwrap_or(x), false, a, true, &mut xa, 1.0, 0.0)?;
-    base(&mut y)?;
-    let mut y = y.expect("base output");
-    matmul_into(&xa, false, b, true, &mut y, layer.scaling, 1.0)?;
+    let update =
+        |y: &mut Tensor, beta: f32| matmul_into(&xa, false, b, true, y, layer.scaling, beta);
+    if lora_first {
+        update(&mut y, beta)?;
+        base(&mut y, 1.0)?;
+    } else {
+        base(&mut y, beta)?;
+        update(&mut y, 1.0)?;
+    }
     Ok(LoraForward { y, xa })
 }
 
@@ -291,7 +308,8 @@ fn backward_adapter(
     Ok((dxa, gpu))
 }
 
-/// `dx = dy W + dxa A + beta dx`: two GEMMs, the second accumulating onto the first.
+/// `dx = dy W + dxa A + beta dx`: two GEMMs in the order [`rank_r_first`] picks, the second
+/// accumulating onto the first (`dxa` is the `[.., 3r]` split with [`LoraLinear::split`]).
 fn input_grad_into(
     layer: &LoraLinear,
     dy: &Tensor,
@@ -299,20 +317,45 @@ fn input_grad_into(
     dx: &mut Tensor,
     beta: f32,
 ) -> Result<()> {
-    if let Some(sp) = layer.split_for(dy.dtype()) {
-        matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
-        return split_input_grad_into(dxa, sp, dx, 1.0);
-    }
+    let (out, inp) = layer.w.rows_cols();
+    let base = |dx: &mut Tensor, beta: f32| matmul_into(dy, false, layer.w, false, dx, 1.0, beta);
     let mut a_slot = None;
-    let a = as_dtype(layer.a, dy.dtype(), &mut a_slot)?;
-    matmul_into(dy, false, layer.w, false, dx, 1.0, beta)?;
-    matmul_into(dxa, false, a, false, dx, 1.0, 1.0)?;
-    Ok(())
+    let mut update = |dx: &mut Tensor, beta: f32| -> Result<()> {
+        match layer.split_for(dy.dtype()) {
+            Some(sp) => split_input_grad_into(dxa, sp, dx, beta),
+            None => {
+                let a = as_dtype(layer.a, dy.dtype(), &mut a_slot)?;
+                matmul_into(dxa, false, a, false, dx, 1.0, beta)
+            }
+        }
+    };
+    if rank_r_first(inp, out) {
+        update(dx, beta)?;
+        base(dx, 1.0)
+    } else {
+        base(dx, beta)?;
+        update(dx, 1.0)
+    }
+}
+
+/// Whether to write a rank-r update of an `[n, width]` output before the base GEMM (whose
+/// reduction is `k` long) and let the base GEMM add onto it with beta = 1, instead of the
+/// other way round. Measured on the H100 at the Llama-3-8B shapes (4096 tokens, r = 16;
+/// bench/results/2026-11-23-h100-probes): the rank-r GEMM added onto a 14336-wide output
+/// costs twice what it costs written (148.9 against 69.5 us) while the base GEMM pays
+/// 10-12 us for its beta, so writing first saves ~67 us; at 4096-wide outputs the rank-r
+/// GEMM costs the same either way (32-39 us, latency-bound) and the base GEMM's beta costs
+/// 4-50 us (50 for down's forward, K = 14336). So: first exactly when the output is wider
+/// than the reduction.
+pub(crate) fn rank_r_first(width: usize, k: usize) -> bool {
+    width > k
 }
 
 /// [`lora_linear_backward`] adding its input gradient onto `dx_acc` (`dx_acc += dy W +
 /// (s dy B) A`) through the GEMMs' beta instead of a new tensor and an add: for inputs
 /// shared by several projections (q, k, v; gate, up). The sum is rounded once per GEMM.
+/// Here the rank-r GEMM accumulates too (a read-modify-write of dx_acc);
+/// [`crate::ops::lora_group`] batches such projections so that it is written once instead.
 pub fn lora_linear_backward_accumulate(
     layer: &LoraLinear,
     dy: &Tensor,
@@ -1453,6 +1496,83 @@ mod tests {
             })
             .collect();
         assert!(crate::check::rel_err(&db.to_f32_vec().unwrap(), &want_db) < 1e-6);
+    }
+
+    /// In bf16 each GEMM rounds once, in the order `rank_r_first` picks: for an output
+    /// wider than the reduction the rank-r term is rounded on its own and the base product
+    /// added onto it (`y = bf16(x W^T + bf16(s xa B^T))`), otherwise the base product is
+    /// rounded first (`y = bf16(bf16(x W^T) + s xa B^T)`); the same for `dx` with `dy W`
+    /// and `dxa A`. Element for element (the CPU GEMM is deterministic), both shapes.
+    #[test]
+    fn bf16_rounds_in_the_order_the_widths_pick() {
+        use crate::ops::matmul::cpu_matmul;
+        for (inp, out) in [(24, 20), (20, 24)] {
+            let mut rng = Rng::new(25);
+            let (n, r) = (9, 4);
+            let s = 1.5f32;
+            let v = inputs(&mut rng, n, inp, out, r);
+            let bf = |shape: &[usize], d: &[f32]| {
+                Tensor::from_f32_as(shape, d.to_vec(), DType::BF16).unwrap()
+            };
+            let (x, w) = (bf(&[n, inp], &v.x), bf(&[out, inp], &v.w));
+            let (a, b) = (bf(&[r, inp], &v.a), bf(&[out, r], &v.b));
+            let dy = bf(&[n, out], &rng.normal_vec(n * out, 1.0));
+            let round = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter()
+                    .map(|e| half::bf16::from_f32(e).to_f32())
+                    .collect()
+            };
+            // The sum of two products as the second GEMM forms it: the first one as
+            // stored (rounded), the second exact in f32, then one rounding.
+            let sum = |first: Vec<f32>, second: Vec<f32>| -> Vec<f32> {
+                round(
+                    round(first)
+                        .iter()
+                        .zip(&second)
+                        .map(|(f, s)| f + s)
+                        .collect(),
+                )
+            };
+            let vals = |t: &Tensor| t.to_f32_vec().unwrap();
+            let (xv, wv, av, bv, dyv) = (vals(&x), vals(&w), vals(&a), vals(&b), vals(&dy));
+            let layer = LoraLinear {
+                w: &w,
+                bias: None,
+                a: &a,
+                b: &b,
+                scaling: s,
+                split: None,
+            };
+            let f = lora_linear_forward(&layer, &x, None).unwrap();
+            let xa = round(cpu_matmul(&xv, false, &av, true, n, r, inp));
+            assert_eq!(vals(&f.xa), xa);
+            let lora: Vec<f32> = cpu_matmul(&xa, false, &bv, true, n, out, r)
+                .iter()
+                .map(|e| s * e)
+                .collect();
+            let base = cpu_matmul(&xv, false, &wv, true, n, out, inp);
+            let want_y = if out > inp {
+                sum(lora, base)
+            } else {
+                sum(base, lora)
+            };
+            assert_eq!(vals(&f.y), want_y, "{inp} -> {out}");
+            let dx = lora_linear_backward_dx(&layer, &dy).unwrap();
+            let dxa = round(
+                cpu_matmul(&dyv, false, &bv, false, n, r, out)
+                    .iter()
+                    .map(|e| s * e)
+                    .collect(),
+            );
+            let lora_dx = cpu_matmul(&dxa, false, &av, false, n, inp, r);
+            let base_dx = cpu_matmul(&dyv, false, &wv, false, n, inp, out);
+            let want_dx = if inp > out {
+                sum(lora_dx, base_dx)
+            } else {
+                sum(base_dx, lora_dx)
+            };
+            assert_eq!(vals(&dx), want_dx, "{inp} -> {out}");
+        }
     }
 
     #[test]

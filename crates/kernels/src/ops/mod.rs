@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
+pub mod lora_group;
 pub mod lora_linear;
 pub mod lora_split;
 pub mod matmul;
@@ -56,6 +57,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         fused_linear_cross_entropy::CHECK,
         lora_linear::CHECK,
         lora_linear::MERGE_CHECK,
+        lora_group::CHECK,
         adamw::CHECK,
         attention::CHECK,
         dropout::CHECK,
@@ -74,6 +76,7 @@ pub fn all_benches() -> Vec<KernelBench> {
         cross_entropy::BENCH,
         fused_linear_cross_entropy::BENCH,
         lora_linear::BENCH,
+        lora_group::BENCH,
         adamw::BENCH,
         attention::BENCH,
     ]

@@ -121,10 +121,20 @@ pub fn rms_norm_backward(
 ) -> Result<RmsNormBackward> {
     let (gpu, rows, cols) = check_backward(dy, x, weight, rstd)?;
     let Some(gpu) = gpu else {
-        return cpu_backward(dy, x, weight, rstd, p, weight_grad, rows, cols);
+        return cpu_backward(dy, x, weight, rstd, p, weight_grad, None, rows, cols);
     };
     let dx = Tensor::uninit_cuda(&gpu, x.shape(), x.dtype())?;
-    let dw = launch_backward(&gpu, dy.dptr(), x, weight, rstd, dx.dptr(), p, weight_grad)?;
+    let dw = launch_backward(
+        &gpu,
+        dy.dptr(),
+        x,
+        weight,
+        rstd,
+        dx.dptr(),
+        p,
+        weight_grad,
+        None,
+    )?;
     Ok(RmsNormBackward { dx, dw })
 }
 
@@ -138,13 +148,53 @@ pub fn rms_norm_backward_inplace(
     rstd: &Tensor,
     p: RmsNorm,
 ) -> Result<()> {
-    let (gpu, _, _) = check_backward(dy, x, weight, rstd)?;
+    backward_inplace(dy, x, weight, rstd, p, None)
+}
+
+/// [`rms_norm_backward_inplace`] with `residual` added: `dy <- dx + residual`, where
+/// `residual` is the gradient that reaches the norm's input along the residual stream. One
+/// kernel instead of the backward and an add that reads and rewrites dx; in bf16 the sum
+/// is rounded once (`bf16(dx + residual)`, where the two-kernel form rounds dx first).
+pub fn rms_norm_backward_add_inplace(
+    dy: &mut Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    p: RmsNorm,
+    residual: &Tensor,
+) -> Result<()> {
+    backward_inplace(dy, x, weight, rstd, p, Some(residual))
+}
+
+fn backward_inplace(
+    dy: &mut Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    rstd: &Tensor,
+    p: RmsNorm,
+    residual: Option<&Tensor>,
+) -> Result<()> {
+    let (gpu, rows, cols) = check_backward(dy, x, weight, rstd)?;
+    if let Some(res) = residual {
+        expect_dtype(OP, "residual", res, &[x.dtype()])?;
+        expect_shape(OP, "residual", res, x.shape())?;
+        common_gpu(OP, &[("dy", dy), ("residual", res)])?;
+    }
     let Some(gpu) = gpu else {
-        let dx = rms_norm_backward(dy, x, weight, rstd, p, false)?.dx;
-        *dy = dx;
+        *dy = cpu_backward(dy, x, weight, rstd, p, false, residual, rows, cols)?.dx;
         return Ok(());
     };
-    launch_backward(&gpu, dy.dptr(), x, weight, rstd, dy.dptr(), p, false)?;
+    launch_backward(
+        &gpu,
+        dy.dptr(),
+        x,
+        weight,
+        rstd,
+        dy.dptr(),
+        p,
+        false,
+        residual,
+    )?;
     Ok(())
 }
 
@@ -230,7 +280,8 @@ pub fn rms_norm_backward_unfused(
 }
 
 /// Launch the backward kernel reading `dy` and writing `dx` (which may be `dy`, without
-/// the weight gradient), and reduce the weight gradient's partials when asked.
+/// the weight gradient) plus `residual` when given, and reduce the weight gradient's
+/// partials when asked.
 #[allow(clippy::too_many_arguments)]
 fn launch_backward(
     gpu: &Arc<Gpu>,
@@ -241,6 +292,7 @@ fn launch_backward(
     dx: u64,
     p: RmsNorm,
     weight_grad: bool,
+    residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let (rows, cols) = x.rows_cols();
     // With dw each block writes one partial row, so fewer blocks; without, fill the GPU.
@@ -264,7 +316,8 @@ fn launch_backward(
     launch!(gpu, f, (grid, 1, 1), (threads, 1, 1), 0;
         dy, x.dptr(), weight.dptr(), rstd.dptr(), dx,
         partial.as_ref().map_or(0u64, |t| t.dptr()),
-        rows as i32, cols as i32, (p.kind == RmsNormKind::Gemma) as i32)?;
+        rows as i32, cols as i32, (p.kind == RmsNormKind::Gemma) as i32,
+        residual.map_or(0u64, |t| t.dptr()))?;
     let dw = match partial {
         None => None,
         Some(partial) => {
@@ -344,10 +397,12 @@ fn cpu_backward(
     rstd: &Tensor,
     p: RmsNorm,
     weight_grad: bool,
+    residual: Option<&Tensor>,
     rows: usize,
     cols: usize,
 ) -> Result<RmsNormBackward> {
     let (dys, xs, ws, rs) = (dy.cpu_f32(), x.cpu_f32(), w.cpu_f32(), rstd.cpu_f32());
+    let res = residual.map(|t| t.cpu_f32());
     let dt = x.dtype();
     let gemma = p.kind == RmsNormKind::Gemma;
     let weff: Vec<f32> = ws
@@ -367,6 +422,11 @@ fn cpu_backward(
             / cols as f64;
         for c in 0..cols {
             out[c] = rr * (gr[c] * weff[c] - xr[c] * rr * dot as f32);
+        }
+        if let Some(res) = &res {
+            for (o, &v) in out.iter_mut().zip(&res[r * cols..(r + 1) * cols]) {
+                *o += v;
+            }
         }
     });
     let dw = if weight_grad {
@@ -464,6 +524,20 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         let mut gdx = gdy.to_device(&Device::Cuda(gpu.clone()))?;
         rms_norm_backward_inplace(&mut gdx, &gx, &gw, &rstd, p)?;
         lines.push(compare(OP, &case, "dx(in place)", &gdx, &b.dx)?);
+        // With the residual stream's gradient added in the same kernel, against the CPU's
+        // same composition (one rounding of the sum).
+        let (res, gres) = random_pair(gpu, rng, &[rows, cols], dt, 1.0)?;
+        let mut dx_res = dy.to_cpu()?;
+        rms_norm_backward_add_inplace(&mut dx_res, &x, &w, &f.rstd, p, &res)?;
+        let mut gdx_res = gdy.to_device(&Device::Cuda(gpu.clone()))?;
+        rms_norm_backward_add_inplace(&mut gdx_res, &gx, &gw, &rstd, p, &gres)?;
+        lines.push(compare(
+            OP,
+            &case,
+            "dx(in place + residual)",
+            &gdx_res,
+            &dx_res,
+        )?);
         lines.push(compare(OP, &case, "dx", &gb.dx, &b.dx)?);
         lines.push(compare(
             OP,
@@ -527,7 +601,31 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         rms_norm_backward_unfused(&dy, &x, &w, &f.rstd, p, false)?;
         Ok(())
     })?;
-    Ok(vec![fused, fused_fwd, unfused])
+    // The layer backward's norm with the residual stream's gradient: added in the kernel
+    // (reads dy, x, res; writes dx) against the in-place backward and a separate add (which
+    // reads dx and res again and rewrites dx).
+    let res = Tensor::from_f32_as(&[rows, cols], rng.normal_vec(rows * cols, 1.0), DType::BF16)?
+        .to_device(&dev)?;
+    let rstd = rms_norm_forward(&x, &w, p)?.rstd;
+    let res_floor = (4 * rows * cols * 2 + rows * 4) as f64;
+    let op = format!("{OP}_bwd_residual");
+    let with_res = measure(gpu, cfg, &op, "fused", &shape, res_floor, 0.0, || {
+        rms_norm_backward_add_inplace(&mut dy, &x, &w, &rstd, p, &res)
+    })?;
+    let separate = measure(
+        gpu,
+        cfg,
+        &op,
+        "separate-add",
+        &shape,
+        res_floor,
+        0.0,
+        || {
+            rms_norm_backward_inplace(&mut dy, &x, &w, &rstd, p)?;
+            crate::ops::elementwise::add_inplace(&mut dy, &res, 1.0)
+        },
+    )?;
+    Ok(vec![fused, fused_fwd, unfused, with_res, separate])
 }
 
 #[cfg(test)]
@@ -622,6 +720,57 @@ mod tests {
             let ex = crate::check::rel_err(&b.dx.to_f32_vec().unwrap(), &fd_x);
             let ew = crate::check::rel_err(&b.dw.unwrap().to_f32_vec().unwrap(), &fd_w);
             assert!(ex < 1e-5 && ew < 1e-5, "{kind:?}: dx err {ex}, dw err {ew}");
+        }
+    }
+
+    /// The residual form is the in-place backward plus the residual, summed in f32 and
+    /// rounded once; a residual of the wrong shape is a named error.
+    #[test]
+    fn backward_add_inplace_adds_the_residual_once() {
+        let mut rng = Rng::new(9);
+        let (rows, cols) = (5, 24);
+        for (dt, kind) in [
+            (DType::F32, RmsNormKind::Llama),
+            (DType::BF16, RmsNormKind::Gemma),
+        ] {
+            let p = RmsNorm { eps: 1e-6, kind };
+            let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_f32_as(shape, v, dt).unwrap();
+            let x = t(rng.normal_vec(rows * cols, 1.0), &[rows, cols]);
+            let w = t(rng.normal_vec(cols, 0.5), &[cols]);
+            let dy = t(rng.normal_vec(rows * cols, 1.0), &[rows, cols]);
+            let res = t(rng.normal_vec(rows * cols, 1.0), &[rows, cols]);
+            let f = rms_norm_forward(&x, &w, p).unwrap();
+            let plain = cpu_backward(&dy, &x, &w, &f.rstd, p, false, None, rows, cols).unwrap();
+            // The unrounded dx (f32 dy copy, so nothing is rounded on the way).
+            let f32_of = |t: &Tensor| Tensor::from_f32(t.shape(), t.to_f32_vec().unwrap()).unwrap();
+            let (dy32, x32, w32) = (f32_of(&dy), f32_of(&x), f32_of(&w));
+            let exact =
+                cpu_backward(&dy32, &x32, &w32, &f.rstd, p, false, None, rows, cols).unwrap();
+            let want: Vec<f32> = exact
+                .dx
+                .to_f32_vec()
+                .unwrap()
+                .iter()
+                .zip(res.to_f32_vec().unwrap())
+                .map(|(d, r)| round_to(dt, d + r))
+                .collect();
+            let mut got = dy.to_cpu().unwrap();
+            rms_norm_backward_add_inplace(&mut got, &x, &w, &f.rstd, p, &res).unwrap();
+            assert_eq!(got.to_f32_vec().unwrap(), want, "{dt}");
+            let mut inplace = dy.to_cpu().unwrap();
+            rms_norm_backward_inplace(&mut inplace, &x, &w, &f.rstd, p).unwrap();
+            assert_eq!(
+                inplace.to_f32_vec().unwrap(),
+                plain.dx.to_f32_vec().unwrap()
+            );
+            let bad = t(vec![0.0; rows * (cols - 1)], &[rows, cols - 1]);
+            let e = rms_norm_backward_add_inplace(&mut got, &x, &w, &f.rstd, p, &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("residual") && e.contains(&format!("{}", cols - 1)),
+                "{e}"
+            );
         }
     }
 
