@@ -20,8 +20,11 @@ Per shape (Llama-3.2-1B at batch 4 x seq 2048, Llama-3-8B at batch 2 x seq 2048)
   3. `tigon bench train` on the same folder, adapter and batches, checkpointing off and on;
      and for the shapes of --offload-shapes (default 8b) once more with checkpointing and CPU
      offload (--offload-embedding --offload-layers N): a row with system "tigon" and an
-     `offload` object, shown as "tigon (ckpt+offload)", whose losses must be bitwise those
-     of the tigon checkpointing row (`losses_identical_to_tigon`).
+     `offload` object, shown as "tigon (ckpt+offload)", whose losses must match those of
+     the tigon checkpointing row within 2^-9 relative (`offload_loss_maxrel_vs_tigon`,
+     `offload_losses_match`). Bitwise equality holds on the CPU (tests), not between two
+     GPU runs: the attention backward accumulates dq in fp32 atomics, so even two runs of
+     the same tigon variant differ in the last bits after the first step.
 
 Timing, the same on both sides: the first --warmup steps are untimed (they train; their
 losses are kept); every later step (forward, backward, optimizer step, zeroing the grads)
@@ -372,14 +375,18 @@ def label(r):
 
 
 def compare_offload(rows):
-    """Offload moves weights, not arithmetic: an offload row's losses must be bitwise those
-    of tigon's row with the same checkpointing setting."""
+    """Offload moves weights, not arithmetic: an offload row's losses must be those of
+    tigon's row with the same checkpointing setting, up to the run-to-run spread of the GPU
+    (fp32 atomics in the attention backward), held to the same 2^-9 as the HF match."""
     plain = {(r["shape"], r["checkpointing"]): r.get("losses") for r in rows
              if r["system"] == "tigon" and not r.get("offload") and r.get("status") == "ok"}
     for r in rows:
         base = plain.get((r["shape"], r["checkpointing"]))
-        if r.get("offload") and r.get("status") == "ok" and base:
-            r["losses_identical_to_tigon"] = r.get("losses") == base
+        losses = r.get("losses")
+        if r.get("offload") and r.get("status") == "ok" and base and losses:
+            rel = max(abs(a - b) / abs(b) for a, b in zip(losses, base))
+            r["offload_loss_maxrel_vs_tigon"] = rel
+            r["offload_losses_match"] = len(losses) == len(base) and rel <= 2.0 ** -9
 
 
 def compare_losses(rows):
@@ -429,12 +436,13 @@ def print_table(rows):
             print(f"losses {r['shape']} {label(r)} ckpt={'on' if r['checkpointing'] else 'off'}: "
                   + " ".join(f"{x:.5f}" for x in r["losses"]))
     for r in rows:
-        if "losses_identical_to_tigon" in r:
+        if "offload_losses_match" in r:
             o = r["offload"]
             print(f"offload {r['shape']}: embedding on the host {o.get('embedding_on_host')}, "
                   f"streamed layers {o.get('streamed_layers')}, "
-                  f"{o.get('layer_copies_per_step')} layer copies per step; losses bitwise "
-                  f"tigon's: {'yes' if r['losses_identical_to_tigon'] else 'NO'}")
+                  f"{o.get('layer_copies_per_step')} layer copies per step; losses vs tigon "
+                  f"without offload: max rel {r['offload_loss_maxrel_vs_tigon']:.1e} "
+                  f"({'match' if r['offload_losses_match'] else 'NO MATCH'})")
     print(f"loss match: |loss - hf-peft| <= 2^-9 |loss| at every step (half a bf16 step of the value)")
 
 
@@ -528,7 +536,7 @@ def main():
     os.remove(partial)
     print(f"\n{len(rows)} rows in {out}; {time.time() - r.t0:.0f} s in all")
     print_table(rows)
-    bad = [x for x in rows if x.get("loss_match") is False or x.get("losses_identical_to_tigon") is False]
+    bad = [x for x in rows if x.get("loss_match") is False or x.get("offload_losses_match") is False]
     return 1 if bad else 0
 
 

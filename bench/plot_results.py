@@ -112,10 +112,10 @@ def markdown(rows):
                        f"{r['peak_gib']:.1f} | {100 * r['mfu']:.1f}% | {dl} |")
         for r in rs:
             if r.get("offload"):
-                same = r.get("losses_identical_to_tigon")
+                rel = r.get("offload_loss_maxrel_vs_tigon")
                 out.append(f"\n{label(r)}: on the host: {offload_note(r)}"
-                           + ("" if same is None else
-                              f"; losses bitwise those of tigon without offload: {'yes' if same else 'NO'}"))
+                           + ("" if rel is None else
+                              f"; losses within {rel:.1e} relative of tigon without offload"))
         out.append("")
     return "\n".join(out)
 
