@@ -438,6 +438,7 @@ impl Decoder {
             &self.weights.norm,
             &fin.rstd,
             self.norm(),
+            None,
         )?;
         drop(last);
         for i in (0..self.spec.layers).rev() {

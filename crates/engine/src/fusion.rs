@@ -227,26 +227,8 @@ impl Fusion {
         Ok(b.dx)
     }
 
-    /// dx plus `residual` (the residual stream's gradient) written over `dy`: one kernel
-    /// (fused), or the backward replacing `dy` and then the add (unfused).
-    pub(crate) fn rms_norm_backward_add_inplace(
-        &self,
-        dy: &mut Tensor,
-        x: &Tensor,
-        w: &Tensor,
-        rstd: &Tensor,
-        p: RmsNorm,
-        residual: &Tensor,
-    ) -> KResult<()> {
-        if self.rms_norm {
-            rms_norm_backward_add_inplace(dy, x, w, rstd, p, residual)
-        } else {
-            *dy = rms_norm_backward_unfused(dy, x, w, rstd, p, false)?.dx;
-            add_inplace(dy, residual, 1.0)
-        }
-    }
-
-    /// dx written over `dy` (fused), or replacing it (unfused).
+    /// dx written over `dy`, plus `residual` (the residual stream's gradient) when given:
+    /// one kernel (fused), or the backward replacing `dy` and then the add (unfused).
     pub(crate) fn rms_norm_backward_inplace(
         &self,
         dy: &mut Tensor,
@@ -254,12 +236,15 @@ impl Fusion {
         w: &Tensor,
         rstd: &Tensor,
         p: RmsNorm,
+        residual: Option<&Tensor>,
     ) -> KResult<()> {
-        if self.rms_norm {
-            rms_norm_backward_inplace(dy, x, w, rstd, p)
-        } else {
-            *dy = rms_norm_backward_unfused(dy, x, w, rstd, p, false)?.dx;
-            Ok(())
+        match (self.rms_norm, residual) {
+            (true, Some(res)) => rms_norm_backward_add_inplace(dy, x, w, rstd, p, res),
+            (true, None) => rms_norm_backward_inplace(dy, x, w, rstd, p),
+            (false, _) => {
+                *dy = rms_norm_backward_unfused(dy, x, w, rstd, p, false)?.dx;
+                residual.map_or(Ok(()), |res| add_inplace(dy, res, 1.0))
+            }
         }
     }
 

@@ -548,13 +548,13 @@ impl Layer<'_> {
         drop(mlp_xa);
         drop((gate, up, h2));
         // dx2 = norm backward + dout (the residual stream), in one kernel.
-        self.fusion.rms_norm_backward_add_inplace(
+        self.fusion.rms_norm_backward_inplace(
             &mut dh2,
             &x2,
             &self.w.post_attention_layernorm,
             &rstd2,
             norm(s),
-            &dout,
+            Some(&dout),
         )?;
         let dx2 = dh2;
         drop((dout, x2));
@@ -591,13 +591,13 @@ impl Layer<'_> {
             }
         };
         // dx = norm backward + dx2 (the residual stream), in one kernel.
-        self.fusion.rms_norm_backward_add_inplace(
+        self.fusion.rms_norm_backward_inplace(
             &mut dh1,
             x,
             &self.w.input_layernorm,
             &rstd1,
             norm(s),
-            &dx2,
+            Some(&dx2),
         )?;
         Ok(dh1)
     }

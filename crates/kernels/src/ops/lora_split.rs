@@ -296,6 +296,8 @@ pub fn split3_multi(jobs: &mut [SplitJob]) -> Result<()> {
     }
     let entries = i32::try_from(entries)
         .map_err(|_| KernelError::invalid(OP, "more chunks than a launch can index"))?;
+    // A fresh upload rather than adamw's content-keyed table cache: 32 layers' tables a
+    // pass would evict each other and the optimizer's from its 8 slots.
     let buf = gpu.alloc(std::mem::size_of_val(table.as_slice()))?;
     gpu.upload(&buf, &table)?;
     let f = gpu.function(&SOURCE, "lora_split3_multi")?;
