@@ -242,10 +242,12 @@ pub fn fold_and_split(
 }
 
 /// One tensor of [`split3_multi`]: f32 `src` split (no sum, no scale) into bf16 `dst`,
-/// both viewed as in [`split3`] with one source block.
+/// both viewed as in [`split3`] with one source block; the split starts `dst_offset`
+/// elements into `dst` (a member's rows of a group's stacked A).
 pub struct SplitJob<'a> {
     pub src: &'a Tensor,
     pub dst: &'a mut Tensor,
+    pub dst_offset: usize,
     pub rows: usize,
     pub cols: usize,
     pub parts: Parts3,
@@ -254,56 +256,185 @@ pub struct SplitJob<'a> {
 /// Elements per table entry of the multi-tensor launch.
 const JOB_CHUNK: usize = 1 << 16;
 
-/// [`split3`] of many tensors into existing buffers in one launch (every adapter's A and B
-/// once per micro-batch).
+/// Table entries per multi-tensor launch (lora_split.cu's LORA_MULTI_CAP): the table is a
+/// by-value kernel parameter, so launching needs no upload and no host synchronisation.
+const MULTI_CAP: usize = 64;
+
+/// lora_split.cu's `SplitJob`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SplitEntry {
+    src: u64,
+    dst: u64,
+    cols: i64,
+    parts: i64,
+    start: i64,
+    n: i64,
+}
+
+/// lora_split.cu's `FoldJob`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FoldEntry {
+    dst: u64,
+    src: u64,
+    rows: i64,
+    cols: i64,
+    i: i32,
+    j: i32,
+    scale: f32,
+    pad: i32,
+}
+
+/// A kernel's by-value table of `MULTI_CAP` entries.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Table<E: Copy> {
+    entries: [E; MULTI_CAP],
+}
+
+/// [`split3`] of many tensors into existing buffers (every adapter's A and B of a layer), in
+/// one launch per 64 chunks of 65536 elements on the GPU.
 pub fn split3_multi(jobs: &mut [SplitJob]) -> Result<()> {
     let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
     for j in jobs.iter() {
         expect_dtype(OP, "src", j.src, &[DType::F32])?;
         expect_dtype(OP, "dst", j.dst, &[DType::BF16])?;
         check_view("src", j.src, j.rows, 1, j.cols)?;
-        check_view("dst", j.dst, j.rows, 3, j.cols)?;
+        if j.dst_offset + j.rows * 3 * j.cols > j.dst.elem_count() {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "dst {:?} cannot hold [{}, 3, {}] at element {}",
+                    j.dst.shape(),
+                    j.rows,
+                    j.cols,
+                    j.dst_offset
+                ),
+            ));
+        }
         named.push(("src", j.src));
         named.push(("dst", &*j.dst));
     }
     let Some(gpu) = common_gpu(OP, &named)? else {
         for j in jobs.iter_mut() {
-            *j.dst = split3(j.src, j.rows, 1, j.cols, &[0], 1.0, j.parts, j.dst.shape())?;
+            let shape = [j.rows, 3 * j.cols];
+            let split = split3(j.src, j.rows, 1, j.cols, &[0], 1.0, j.parts, &shape)?;
+            let mut all = j.dst.cpu_f32().into_owned();
+            all[j.dst_offset..j.dst_offset + split.elem_count()]
+                .copy_from_slice(&split.cpu_f32());
+            j.dst.cpu_store_f32(&all);
         }
         return Ok(());
     };
-    // Per entry: src, dst, cols, parts, first element, element count (6 words).
-    let mut table: Vec<u64> = Vec::new();
+    let mut entries = Vec::new();
     for j in jobs.iter() {
         let n = j.rows * j.cols;
+        let dst = j.dst.dptr() + (j.dst_offset * DType::BF16.size_in_bytes()) as u64;
         let mut start = 0;
         while start < n {
             let len = JOB_CHUNK.min(n - start);
-            table.extend([
-                j.src.dptr(),
-                j.dst.dptr(),
-                j.cols as u64,
-                j.parts.mask() as u64,
-                start as u64,
-                len as u64,
-            ]);
+            entries.push(SplitEntry {
+                src: j.src.dptr(),
+                dst,
+                cols: j.cols as i64,
+                parts: j.parts.mask() as i64,
+                start: start as i64,
+                n: len as i64,
+            });
             start += len;
         }
     }
-    let entries = table.len() / 6;
-    if entries == 0 {
-        return Ok(());
-    }
-    let entries = i32::try_from(entries)
-        .map_err(|_| KernelError::invalid(OP, "more chunks than a launch can index"))?;
-    // A fresh upload rather than adamw's content-keyed table cache: 32 layers' tables a
-    // pass would evict each other and the optimizer's from its 8 slots.
-    let buf = gpu.alloc(std::mem::size_of_val(table.as_slice()))?;
-    gpu.upload(&buf, &table)?;
     let f = gpu.function(&SOURCE, "lora_split3_multi")?;
-    let blocks = (entries as usize).min(gpu.sm_count() * 8) as u32;
-    launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; buf.ptr(), entries)?;
-    // `buf` is freed in stream order, after the launch has read it.
+    for chunk in entries.chunks(MULTI_CAP) {
+        let mut table = Table {
+            entries: [SplitEntry::default(); MULTI_CAP],
+        };
+        table.entries[..chunk.len()].copy_from_slice(chunk);
+        let blocks = chunk.len().min(gpu.sm_count() * 8) as u32;
+        launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; table, chunk.len() as i32)?;
+    }
+    Ok(())
+}
+
+/// One fold of [`fold3_multi`]: `dst[rows, cols] += scale * (src[rows, i, cols] +
+/// src[rows, j, cols])`, `src` read from element `src_offset` on.
+pub struct FoldJob<'a> {
+    pub dst: &'a mut Tensor,
+    pub src: &'a Tensor,
+    pub src_offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub sum: [usize; 2],
+    pub scale: f32,
+}
+
+/// [`fold3_into`] of many gradients in one launch per 64 (a group's dA and dB folds).
+pub fn fold3_multi(jobs: &mut [FoldJob]) -> Result<()> {
+    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
+    for j in jobs.iter() {
+        expect_dtype(OP, "dst", j.dst, &[DType::F32])?;
+        expect_dtype(OP, "src", j.src, &[DType::F32])?;
+        check_view("dst", j.dst, j.rows, 1, j.cols)?;
+        if j.src_offset + j.rows * 3 * j.cols > j.src.elem_count() || j.sum.iter().any(|&b| b >= 3)
+        {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "fold of blocks {:?} of [{}, 3, {}] at element {} of src {:?}",
+                    j.sum,
+                    j.rows,
+                    j.cols,
+                    j.src_offset,
+                    j.src.shape()
+                ),
+            ));
+        }
+        named.push(("dst", &*j.dst));
+        named.push(("src", j.src));
+    }
+    let Some(gpu) = common_gpu(OP, &named)? else {
+        for j in jobs.iter_mut() {
+            let [i, k] = j.sum;
+            let s = j.src.cpu_f32();
+            let s = &s[j.src_offset..j.src_offset + j.rows * 3 * j.cols];
+            let mut d = j.dst.cpu_f32().into_owned();
+            let cols = j.cols;
+            par_rows(&mut d, cols, |row, o| {
+                let base = row * 3 * cols;
+                for (col, e) in o.iter_mut().enumerate() {
+                    *e += j.scale * (s[base + i * cols + col] + s[base + k * cols + col]);
+                }
+            });
+            j.dst.cpu_store_f32(&d);
+        }
+        return Ok(());
+    };
+    let f = gpu.function(&SOURCE, "lora_fold3_multi")?;
+    for chunk in jobs.chunks(MULTI_CAP) {
+        let mut table = Table {
+            entries: [FoldEntry::default(); MULTI_CAP],
+        };
+        let mut most = 0;
+        for (e, j) in table.entries.iter_mut().zip(chunk) {
+            if j.cols > i32::MAX as usize {
+                return Err(KernelError::invalid(OP, "fold columns exceed i32"));
+            }
+            *e = FoldEntry {
+                dst: j.dst.dptr(),
+                src: j.src.dptr() + (j.src_offset * DType::F32.size_in_bytes()) as u64,
+                rows: j.rows as i64,
+                cols: j.cols as i64,
+                i: j.sum[0] as i32,
+                j: j.sum[1] as i32,
+                scale: j.scale,
+                pad: 0,
+            };
+            most = most.max(j.rows * j.cols);
+        }
+        let grid_x = most.div_ceil(256).clamp(1, gpu.sm_count() * 4) as u32;
+        launch!(gpu, f, (grid_x, chunk.len() as u32, 1), (256, 1, 1), 0; table)?;
+    }
     Ok(())
 }
 
@@ -349,6 +480,7 @@ impl LoraSplit {
             jobs.push(SplitJob {
                 src: a,
                 dst: &mut sp.a3,
+                dst_offset: 0,
                 rows: 1,
                 cols: r * inp,
                 parts: Parts3::HiLoHi,
@@ -356,6 +488,7 @@ impl LoraSplit {
             jobs.push(SplitJob {
                 src: b,
                 dst: &mut sp.b3,
+                dst_offset: 0,
                 rows: o,
                 cols: r,
                 parts: Parts3::HiHiLo,
@@ -556,17 +689,23 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         )?);
     }
     // The multi-tensor launch over an adapter's A ([r, in] split along rows) and B ([out, r]
-    // along columns), several chunks each.
+    // along columns), several chunks each, and a second A written after the first into one
+    // stacked buffer (a group's stacked A), more than one table's worth of chunks in all.
     let (r, inp, out) = (16, 4096, 14336);
     let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.02))?;
+    let a2 = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.02))?;
     let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.02))?;
-    let (ag, bg) = (to_gpu(&a)?, to_gpu(&b)?);
-    let mut a3 = Tensor::zeros(&[3 * r, inp], DType::BF16, &Device::Cuda(gpu.clone()))?;
-    let mut b3 = Tensor::zeros(&[out, 3 * r], DType::BF16, &Device::Cuda(gpu.clone()))?;
-    split3_multi(&mut [
+    let big = Tensor::from_f32(&[80, 65536], rng.normal_vec(80 * 65536, 0.02))?;
+    let (ag, a2g, bg, bigg) = (to_gpu(&a)?, to_gpu(&a2)?, to_gpu(&b)?, to_gpu(&big)?);
+    let dev = Device::Cuda(gpu.clone());
+    let mut a3 = Tensor::zeros(&[6 * r, inp], DType::BF16, &dev)?;
+    let mut b3 = Tensor::zeros(&[out, 3 * r], DType::BF16, &dev)?;
+    let mut big3 = Tensor::zeros(&[80, 3 * 65536], DType::BF16, &dev)?;
+    let mut jobs = vec![
         SplitJob {
             src: &ag,
             dst: &mut a3,
+            dst_offset: 0,
             rows: 1,
             cols: r * inp,
             parts: Parts3::HiLoHi,
@@ -574,27 +713,96 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         SplitJob {
             src: &bg,
             dst: &mut b3,
+            dst_offset: 0,
             rows: out,
             cols: r,
             parts: Parts3::HiHiLo,
         },
-    ])?;
-    let a3_want = split3(&a, 1, 1, r * inp, &[0], 1.0, Parts3::HiLoHi, &[3 * r, inp])?;
+        SplitJob {
+            src: &bigg,
+            dst: &mut big3,
+            dst_offset: 0,
+            rows: 80,
+            cols: 65536,
+            parts: Parts3::HiHiLo,
+        },
+    ];
+    split3_multi(&mut jobs)?;
+    drop(jobs);
+    split3_multi(&mut [SplitJob {
+        src: &a2g,
+        dst: &mut a3,
+        dst_offset: 3 * r * inp,
+        rows: 1,
+        cols: r * inp,
+        parts: Parts3::HiLoHi,
+    }])?;
+    let a3_want = Tensor::from_f32_as(
+        &[6 * r, inp],
+        [&a, &a2]
+            .iter()
+            .map(|a| split3(a, 1, 1, r * inp, &[0], 1.0, Parts3::HiLoHi, &[3 * r, inp]))
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .flat_map(|t| t.to_f32_vec().unwrap_or_default())
+            .collect(),
+        DType::BF16,
+    )?;
     let b3_want = split3(&b, out, 1, r, &[0], 1.0, Parts3::HiHiLo, &[out, 3 * r])?;
+    let big3_want = split3(&big, 80, 1, 65536, &[0], 1.0, Parts3::HiHiLo, &[80, 3 * 65536])?;
+    for (case, got, want) in [
+        ("multi 2 x A [16, 4096] stacked", &a3, &a3_want),
+        ("multi B [14336, 16]", &b3, &b3_want),
+        ("multi [80, 65536] (81+ chunks)", &big3, &big3_want),
+    ] {
+        lines.push(compare_with_tol(OP, case, "split", got, want, exact)?);
+    }
+    // Several folds in one launch, one reading from an offset into its source.
+    let src = Tensor::from_f32(&[2 * 3 * r, inp], rng.normal_vec(6 * r * inp, 1.0))?;
+    let tb = Tensor::from_f32(&[out, 3 * r], rng.normal_vec(out * 3 * r, 1.0))?;
+    let da = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 1.0))?;
+    let db = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 1.0))?;
+    let (srcg, tbg) = (to_gpu(&src)?, to_gpu(&tb)?);
+    let (mut da_want, mut db_want) = (da.to_cpu()?, db.to_cpu()?);
+    let (mut da_got, mut db_got) = (to_gpu(&da)?, to_gpu(&db)?);
+    let folds = |da: &mut Tensor, db: &mut Tensor, src: &Tensor, tb: &Tensor| -> Result<()> {
+        fold3_multi(&mut [
+            FoldJob {
+                dst: da,
+                src,
+                src_offset: 3 * r * inp,
+                rows: 1,
+                cols: r * inp,
+                sum: [0, 2],
+                scale: 1.0,
+            },
+            FoldJob {
+                dst: db,
+                src: tb,
+                src_offset: 0,
+                rows: out,
+                cols: r,
+                sum: [0, 1],
+                scale: 0.5,
+            },
+        ])
+    };
+    folds(&mut da_want, &mut db_want, &src, &tb)?;
+    folds(&mut da_got, &mut db_got, &srcg, &tbg)?;
     lines.push(compare_with_tol(
         OP,
-        "multi A [16, 4096]",
-        "split",
-        &a3,
-        &a3_want,
+        "multi fold dA [16, 4096] at offset",
+        "fold",
+        &da_got,
+        &da_want,
         exact,
     )?);
     lines.push(compare_with_tol(
         OP,
-        "multi B [14336, 16]",
-        "split",
-        &b3,
-        &b3_want,
+        "multi fold dB [14336, 16]",
+        "fold",
+        &db_got,
+        &db_want,
         exact,
     )?);
     Ok(lines)
@@ -738,30 +946,82 @@ mod tests {
     #[test]
     fn multi_equals_single_splits_on_the_cpu() {
         let a = Tensor::from_f32(&[4, 10], Rng::new(1).normal_vec(40, 0.1)).unwrap();
+        let a2 = Tensor::from_f32(&[4, 10], Rng::new(3).normal_vec(40, 0.1)).unwrap();
         let b = Tensor::from_f32(&[7, 4], Rng::new(2).normal_vec(28, 0.1)).unwrap();
-        let mut a3 = Tensor::zeros(&[12, 10], DType::BF16, &Device::Cpu).unwrap();
+        let mut a3 = Tensor::zeros(&[24, 10], DType::BF16, &Device::Cpu).unwrap();
         let mut b3 = Tensor::zeros(&[7, 12], DType::BF16, &Device::Cpu).unwrap();
-        split3_multi(&mut [
-            SplitJob {
-                src: &a,
+        split3_multi(&mut [SplitJob {
+            src: &b,
+            dst: &mut b3,
+            dst_offset: 0,
+            rows: 7,
+            cols: 4,
+            parts: Parts3::HiHiLo,
+        }])
+        .unwrap();
+        // The second A first: each job writes only its own rows of the stacked buffer.
+        for (src, at) in [(&a2, 120), (&a, 0)] {
+            split3_multi(&mut [SplitJob {
+                src,
                 dst: &mut a3,
+                dst_offset: at,
                 rows: 1,
                 cols: 40,
                 parts: Parts3::HiLoHi,
-            },
-            SplitJob {
-                src: &b,
-                dst: &mut b3,
-                rows: 7,
-                cols: 4,
-                parts: Parts3::HiHiLo,
-            },
-        ])
-        .unwrap();
-        let want_a = split3(&a, 1, 1, 40, &[0], 1.0, Parts3::HiLoHi, &[12, 10]).unwrap();
+            }])
+            .unwrap();
+        }
+        let want_a: Vec<f32> = [&a, &a2]
+            .iter()
+            .flat_map(|a| f32s(&split3(a, 1, 1, 40, &[0], 1.0, Parts3::HiLoHi, &[12, 10]).unwrap()))
+            .collect();
         let want_b = split3(&b, 7, 1, 4, &[0], 1.0, Parts3::HiHiLo, &[7, 12]).unwrap();
-        assert_eq!(f32s(&a3), f32s(&want_a));
+        assert_eq!(f32s(&a3), want_a);
         assert_eq!(f32s(&b3), f32s(&want_b));
+        // A stacked buffer too short for the job is an error naming it, not a panic.
+        let err = split3_multi(&mut [SplitJob {
+            src: &a,
+            dst: &mut b3,
+            dst_offset: 80,
+            rows: 1,
+            cols: 40,
+            parts: Parts3::HiLoHi,
+        }])
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot hold"), "{err}");
+    }
+
+    /// Folds in one call equal single folds, reading their source from an offset.
+    #[test]
+    fn multi_fold_equals_single_folds_on_the_cpu() {
+        let mut rng = Rng::new(5);
+        let src = Tensor::from_f32(&[2, 3, 12], rng.normal_vec(72, 1.0)).unwrap();
+        let start = Tensor::from_f32(&[4, 3], rng.normal_vec(12, 1.0)).unwrap();
+        let tail = Tensor::from_f32(&[36], f32s(&src)[36..].to_vec()).unwrap();
+        let mut want = start.to_cpu().unwrap();
+        fold3_into(&mut want, &tail, 4, 3, [0, 2], 0.5).unwrap();
+        let mut got = start.to_cpu().unwrap();
+        fold3_multi(&mut [FoldJob {
+            dst: &mut got,
+            src: &src,
+            src_offset: 36,
+            rows: 4,
+            cols: 3,
+            sum: [0, 2],
+            scale: 0.5,
+        }])
+        .unwrap();
+        assert_eq!(f32s(&got), f32s(&want));
+        assert!(fold3_multi(&mut [FoldJob {
+            dst: &mut got,
+            src: &src,
+            src_offset: 40,
+            rows: 4,
+            cols: 3,
+            sum: [0, 2],
+            scale: 0.5,
+        }])
+        .is_err());
     }
 
     /// The whole adapter path through the splits against f64 math on the same bf16 x, dy and
