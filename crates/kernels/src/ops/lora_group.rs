@@ -71,15 +71,15 @@ pub struct GroupForward {
 
 /// The group's sizes: the in dim, per member its out dim, rank (0: no adapter) and first
 /// column in `xa`, and the total rank.
-struct Plan {
-    inp: usize,
-    outs: Vec<usize>,
-    ranks: Vec<usize>,
-    offsets: Vec<usize>,
-    total: usize,
+pub(crate) struct Plan {
+    pub inp: usize,
+    pub outs: Vec<usize>,
+    pub ranks: Vec<usize>,
+    pub offsets: Vec<usize>,
+    pub total: usize,
 }
 
-fn check_group(g: &LoraGroup, x: &Tensor) -> Result<Plan> {
+pub(crate) fn check_group(g: &LoraGroup, x: &Tensor) -> Result<Plan> {
     expect_dtype(OP, "x", x, &[DType::F32, DType::BF16])?;
     expect_dtype(OP, "a_cat", g.a_cat, &[DType::F32, DType::BF16])?;
     let inp = *x.shape().last().unwrap_or(&0);
@@ -147,7 +147,10 @@ fn check_group(g: &LoraGroup, x: &Tensor) -> Result<Plan> {
 }
 
 /// Every tensor of the group and `extra`, on one device (None: the CPU).
-fn group_gpu(g: &LoraGroup, extra: &[(&'static str, &Tensor)]) -> Result<Option<Arc<Gpu>>> {
+pub(crate) fn group_gpu(
+    g: &LoraGroup,
+    extra: &[(&'static str, &Tensor)],
+) -> Result<Option<Arc<Gpu>>> {
     let mut all = vec![("a_cat", g.a_cat)];
     for m in &g.members {
         all.push(("w", m.w));
@@ -161,14 +164,14 @@ fn group_gpu(g: &LoraGroup, extra: &[(&'static str, &Tensor)]) -> Result<Option<
 /// Columns `[c0, c0 + cols)` of a tensor seen as 2-D `[rows, ld]` (leading dims folded):
 /// a GEMM operand through its leading dimension and a pointer offset, nothing copied.
 #[derive(Clone, Copy)]
-struct Cols<'t> {
-    t: &'t Tensor,
-    c0: usize,
-    cols: usize,
+pub(crate) struct Cols<'t> {
+    pub t: &'t Tensor,
+    pub c0: usize,
+    pub cols: usize,
 }
 
 impl<'t> Cols<'t> {
-    fn all(t: &'t Tensor) -> Cols<'t> {
+    pub fn all(t: &'t Tensor) -> Cols<'t> {
         Cols {
             t,
             c0: 0,
@@ -213,7 +216,7 @@ impl<'t> Cols<'t> {
 /// with offset pointers on the GPU; on the CPU the CPU GEMM with the same rounding as
 /// [`matmul_into`] (C's other columns untouched).
 #[allow(clippy::too_many_arguments)]
-fn gemm_cols(
+pub(crate) fn gemm_cols(
     gpu: &Option<Arc<Gpu>>,
     a: Cols,
     ta: bool,
@@ -277,12 +280,28 @@ pub fn lora_group_forward(g: &LoraGroup, x: &Tensor) -> Result<GroupForward> {
         let a = as_dtype(g.a_cat, dt, &mut a_slot)?;
         matmul_into(x, false, a, true, &mut xa, 1.0, 0.0)?;
     }
+    let ys = member_outputs(g, &plan, &gpu, x, &xa)?;
+    Ok(GroupForward { ys, xa })
+}
+
+/// Every member's output from the group's rank-r activation `xa` (member `p`'s columns
+/// `offsets[p] .. + ranks[p]`, multiplied by its B with K = its rank): the base GEMM and
+/// the update in [`rank_r_first`]'s order. Shared with the split path, whose `xa` and B
+/// are the three-block splits.
+pub(crate) fn member_outputs(
+    g: &LoraGroup,
+    plan: &Plan,
+    gpu: &Option<Arc<Gpu>>,
+    x: &Tensor,
+    xa: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let dt = x.dtype();
     let mut ys = Vec::with_capacity(g.members.len());
     for (i, m) in g.members.iter().enumerate() {
         let shape = with_last(x, plan.outs[i]);
         let (mut y, mut beta) = match m.bias {
-            Some(bias) => (rows_of(&gpu, bias, &shape)?, 1.0),
-            None => (output(&gpu, &shape, dt)?, 0.0),
+            Some(bias) => (rows_of(gpu, bias, &shape)?, 1.0),
+            None => (output(gpu, &shape, dt)?, 0.0),
         };
         // The same order as the per-projection op (see `rank_r_first`), so that the two
         // round alike.
@@ -295,12 +314,12 @@ pub fn lora_group_forward(g: &LoraGroup, x: &Tensor) -> Result<GroupForward> {
             let mut b_slot = None;
             let b = as_dtype(ad.b, dt, &mut b_slot)?;
             let xa_p = Cols {
-                t: &xa,
+                t: xa,
                 c0: plan.offsets[i],
                 cols: plan.ranks[i],
             };
             gemm_cols(
-                &gpu,
+                gpu,
                 xa_p,
                 false,
                 Cols::all(b),
@@ -317,7 +336,7 @@ pub fn lora_group_forward(g: &LoraGroup, x: &Tensor) -> Result<GroupForward> {
         }
         ys.push(y);
     }
-    Ok(GroupForward { ys, xa })
+    Ok(ys)
 }
 
 /// From every member's `dy_p [.., out_p]`: `dB_p += s_p dy_p^T xa_p` and
@@ -330,46 +349,8 @@ pub fn lora_group_backward(
     xa: &Tensor,
     grads: &mut [(&mut Tensor, &mut Tensor)],
 ) -> Result<Tensor> {
-    let plan = check_group(g, x)?;
+    let (plan, gpu) = check_backward(g, dys, x, xa, grads, 1)?;
     let dt = x.dtype();
-    let adapted = plan.ranks.iter().filter(|&&r| r > 0).count();
-    if dys.len() != g.members.len() || grads.len() != adapted {
-        return Err(KernelError::invalid(
-            OP,
-            format!(
-                "{} members with {adapted} adapters, given {} dy and {} (dA, dB)",
-                g.members.len(),
-                dys.len(),
-                grads.len()
-            ),
-        ));
-    }
-    let mut extra = vec![("x", x), ("xa", xa)];
-    for (i, dy) in dys.iter().enumerate() {
-        expect_dtype(OP, "dy", dy, &[dt])?;
-        expect_shape(OP, "dy", dy, &with_last(x, plan.outs[i]))?;
-        extra.push(("dy", dy));
-    }
-    expect_dtype(OP, "xa", xa, &[dt])?;
-    expect_shape(OP, "xa", xa, &with_last(x, plan.total))?;
-    let mut grad_i = 0;
-    for (i, &r) in plan.ranks.iter().enumerate() {
-        if r == 0 {
-            continue;
-        }
-        let (da, db) = &grads[grad_i];
-        grad_i += 1;
-        expect_dtype(OP, "da", da, &[DType::F32])?;
-        expect_shape(OP, "da", da, &[r, plan.inp])?;
-        expect_dtype(OP, "db", db, &[DType::F32])?;
-        expect_shape(OP, "db", db, &[plan.outs[i], r])?;
-    }
-    for (da, db) in grads.iter() {
-        extra.push(("da", da));
-        extra.push(("db", db));
-    }
-    let gpu = group_gpu(g, &extra)?;
-    drop(extra);
 
     let mut dxa = output(&gpu, &with_last(x, plan.total), dt)?;
     let mut grads = grads.iter_mut();
@@ -412,6 +393,62 @@ pub fn lora_group_backward(
         matmul_into(dy, false, m.w, false, &mut dx, 1.0, 1.0)?;
     }
     Ok(dx)
+}
+
+/// The backward's inputs checked against the group (`xa` `[.., total]` in x's dtype, one
+/// dy per member, one (dA, dB) per adapter); the plan and the GPU (None: the CPU). With
+/// `blocks = 3` the group holds splits (B `[out, 3r]`, xa `[.., 3 sum r]`) and each
+/// adapter's rank is a third of its plan width.
+pub(crate) fn check_backward(
+    g: &LoraGroup,
+    dys: &[&Tensor],
+    x: &Tensor,
+    xa: &Tensor,
+    grads: &[(&mut Tensor, &mut Tensor)],
+    blocks: usize,
+) -> Result<(Plan, Option<Arc<Gpu>>)> {
+    let plan = check_group(g, x)?;
+    let dt = x.dtype();
+    let adapted = plan.ranks.iter().filter(|&&r| r > 0).count();
+    if dys.len() != g.members.len() || grads.len() != adapted {
+        return Err(KernelError::invalid(
+            OP,
+            format!(
+                "{} members with {adapted} adapters, given {} dy and {} (dA, dB)",
+                g.members.len(),
+                dys.len(),
+                grads.len()
+            ),
+        ));
+    }
+    let mut extra = vec![("x", x), ("xa", xa)];
+    for (i, dy) in dys.iter().enumerate() {
+        expect_dtype(OP, "dy", dy, &[dt])?;
+        expect_shape(OP, "dy", dy, &with_last(x, plan.outs[i]))?;
+        extra.push(("dy", dy));
+    }
+    expect_dtype(OP, "xa", xa, &[dt])?;
+    expect_shape(OP, "xa", xa, &with_last(x, plan.total))?;
+    let mut grad_i = 0;
+    for (i, &r) in plan.ranks.iter().enumerate() {
+        if r == 0 {
+            continue;
+        }
+        let (da, db) = &grads[grad_i];
+        grad_i += 1;
+        let r = r / blocks;
+        expect_dtype(OP, "da", da, &[DType::F32])?;
+        expect_shape(OP, "da", da, &[r, plan.inp])?;
+        expect_dtype(OP, "db", db, &[DType::F32])?;
+        expect_shape(OP, "db", db, &[plan.outs[i], r])?;
+    }
+    for (da, db) in grads.iter() {
+        extra.push(("da", da));
+        extra.push(("db", db));
+    }
+    let gpu = group_gpu(g, &extra)?;
+    drop(extra);
+    Ok((plan, gpu))
 }
 
 /// `[sum rows, cols]` of `dtype` holding `parts` (2-D, one column count) stacked in order:

@@ -241,16 +241,36 @@ pub fn fold_and_split(
     Ok(d3)
 }
 
-/// One tensor of [`split3_multi`]: f32 `src` split (no sum, no scale) into bf16 `dst`,
-/// both viewed as in [`split3`] with one source block; the split starts `dst_offset`
-/// elements into `dst` (a member's rows of a group's stacked A).
+/// One tensor of [`split3_multi`]: f32 `src` split (no sum, no scale) into the bf16
+/// destination `dst` (an index into the launch's destinations), both viewed as in [`split3`]
+/// with one source block; the split starts `dst_offset` elements into the destination (a
+/// member's rows of a group's stacked A: several jobs may fill one buffer).
 pub struct SplitJob<'a> {
     pub src: &'a Tensor,
-    pub dst: &'a mut Tensor,
+    pub dst: usize,
     pub dst_offset: usize,
     pub rows: usize,
     pub cols: usize,
     pub parts: Parts3,
+}
+
+/// Splits to make in one [`split3_multi`] launch: the jobs and the buffers they fill.
+#[derive(Default)]
+pub struct SplitBatch<'a> {
+    pub jobs: Vec<SplitJob<'a>>,
+    pub dsts: Vec<&'a mut Tensor>,
+}
+
+impl<'a> SplitBatch<'a> {
+    /// Register a destination buffer; jobs name it by the returned index.
+    pub fn dst(&mut self, t: &'a mut Tensor) -> usize {
+        self.dsts.push(t);
+        self.dsts.len() - 1
+    }
+
+    pub fn run(mut self) -> Result<()> {
+        split3_multi(&self.jobs, &mut self.dsts)
+    }
 }
 
 /// Elements per table entry of the multi-tensor launch.
@@ -295,18 +315,24 @@ struct Table<E: Copy> {
 
 /// [`split3`] of many tensors into existing buffers (every adapter's A and B of a layer), in
 /// one launch per 64 chunks of 65536 elements on the GPU.
-pub fn split3_multi(jobs: &mut [SplitJob]) -> Result<()> {
-    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
-    for j in jobs.iter() {
+pub fn split3_multi(jobs: &[SplitJob], dsts: &mut [&mut Tensor]) -> Result<()> {
+    let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(jobs.len() + dsts.len());
+    for j in jobs {
         expect_dtype(OP, "src", j.src, &[DType::F32])?;
-        expect_dtype(OP, "dst", j.dst, &[DType::BF16])?;
         check_view("src", j.src, j.rows, 1, j.cols)?;
-        if j.dst_offset + j.rows * 3 * j.cols > j.dst.elem_count() {
+        let Some(dst) = dsts.get(j.dst) else {
+            return Err(KernelError::invalid(
+                OP,
+                format!("split job names destination {} of {}", j.dst, dsts.len()),
+            ));
+        };
+        expect_dtype(OP, "dst", dst, &[DType::BF16])?;
+        if j.dst_offset + j.rows * 3 * j.cols > dst.elem_count() {
             return Err(KernelError::shape(
                 OP,
                 format!(
                     "dst {:?} cannot hold [{}, 3, {}] at element {}",
-                    j.dst.shape(),
+                    dst.shape(),
                     j.rows,
                     j.cols,
                     j.dst_offset
@@ -314,23 +340,23 @@ pub fn split3_multi(jobs: &mut [SplitJob]) -> Result<()> {
             ));
         }
         named.push(("src", j.src));
-        named.push(("dst", &*j.dst));
     }
+    named.extend(dsts.iter().map(|d| ("dst", &**d)));
     let Some(gpu) = common_gpu(OP, &named)? else {
-        for j in jobs.iter_mut() {
+        for j in jobs {
             let shape = [j.rows, 3 * j.cols];
             let split = split3(j.src, j.rows, 1, j.cols, &[0], 1.0, j.parts, &shape)?;
-            let mut all = j.dst.cpu_f32().into_owned();
-            all[j.dst_offset..j.dst_offset + split.elem_count()]
-                .copy_from_slice(&split.cpu_f32());
-            j.dst.cpu_store_f32(&all);
+            let dst = &mut dsts[j.dst];
+            let mut all = dst.cpu_f32().into_owned();
+            all[j.dst_offset..j.dst_offset + split.elem_count()].copy_from_slice(&split.cpu_f32());
+            dst.cpu_store_f32(&all);
         }
         return Ok(());
     };
     let mut entries = Vec::new();
-    for j in jobs.iter() {
+    for j in jobs {
         let n = j.rows * j.cols;
-        let dst = j.dst.dptr() + (j.dst_offset * DType::BF16.size_in_bytes()) as u64;
+        let dst = dsts[j.dst].dptr() + (j.dst_offset * DType::BF16.size_in_bytes()) as u64;
         let mut start = 0;
         while start < n {
             let len = JOB_CHUNK.min(n - start);
@@ -449,53 +475,50 @@ pub struct LoraSplit {
 impl LoraSplit {
     /// The splits of many adapters' f32 `(A, B)` in one launch on the GPU.
     pub fn many(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<LoraSplit>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for (a, b) in pairs {
-            expect_dtype(OP, "a", a, &[DType::F32])?;
-            expect_dtype(OP, "b", b, &[DType::F32])?;
-            let ((r, inp), (o, rb)) = (a.rows_cols(), b.rows_cols());
-            if r != rb || a.shape().len() != 2 || b.shape().len() != 2 {
-                return Err(KernelError::shape(
-                    OP,
-                    format!(
-                        "a {:?} and b {:?} are not [r, in] and [out, r]",
-                        a.shape(),
-                        b.shape()
-                    ),
-                ));
-            }
-            // Every element is written by the split: no zeroing on the GPU.
-            let alloc = |shape: &[usize]| match a.device() {
-                Device::Cuda(g) => Tensor::uninit_cuda(&g, shape, DType::BF16),
-                Device::Cpu => Tensor::zeros(shape, DType::BF16, &Device::Cpu),
-            };
-            out.push(LoraSplit {
-                a3: alloc(&[3 * r, inp])?,
-                b3: alloc(&[o, 3 * r])?,
-            });
-        }
-        let mut jobs = Vec::with_capacity(2 * pairs.len());
+        let mut out = pairs
+            .iter()
+            .map(|(a, b)| LoraSplit::alloc(a, b))
+            .collect::<Result<Vec<_>>>()?;
+        let mut batch = SplitBatch::default();
         for ((a, b), sp) in pairs.iter().zip(out.iter_mut()) {
-            let ((r, inp), (o, _)) = (a.rows_cols(), b.rows_cols());
-            jobs.push(SplitJob {
-                src: a,
-                dst: &mut sp.a3,
-                dst_offset: 0,
-                rows: 1,
-                cols: r * inp,
-                parts: Parts3::HiLoHi,
-            });
-            jobs.push(SplitJob {
-                src: b,
-                dst: &mut sp.b3,
-                dst_offset: 0,
-                rows: o,
-                cols: r,
-                parts: Parts3::HiHiLo,
-            });
+            sp.add_jobs(a, b, &mut batch);
         }
-        split3_multi(&mut jobs)?;
+        batch.run()?;
         Ok(out)
+    }
+
+    /// Unfilled buffers for the split of f32 `a` `[r, in]` and `b` `[out, r]`, checked;
+    /// [`LoraSplit::add_jobs`] fills them.
+    pub fn alloc(a: &Tensor, b: &Tensor) -> Result<LoraSplit> {
+        let (r, inp, o) = check_pair(a, b)?;
+        Ok(LoraSplit {
+            a3: split_buffer(a, &[3 * r, inp])?,
+            b3: split_buffer(a, &[o, 3 * r])?,
+        })
+    }
+
+    /// Add the jobs that fill this split from `a` and `b` (the ones it was allocated for)
+    /// to `batch`.
+    pub fn add_jobs<'s>(&'s mut self, a: &'s Tensor, b: &'s Tensor, batch: &mut SplitBatch<'s>) {
+        let ((r, inp), (o, _)) = (a.rows_cols(), b.rows_cols());
+        let da = batch.dst(&mut self.a3);
+        let db = batch.dst(&mut self.b3);
+        batch.jobs.push(SplitJob {
+            src: a,
+            dst: da,
+            dst_offset: 0,
+            rows: 1,
+            cols: r * inp,
+            parts: Parts3::HiLoHi,
+        });
+        batch.jobs.push(SplitJob {
+            src: b,
+            dst: db,
+            dst_offset: 0,
+            rows: o,
+            cols: r,
+            parts: Parts3::HiHiLo,
+        });
     }
 
     /// The rank r.
@@ -505,6 +528,33 @@ impl LoraSplit {
 
     fn in_features(&self) -> usize {
         self.a3.shape()[1]
+    }
+}
+
+/// `(r, in, out)` of an adapter's f32 `a` `[r, in]` and `b` `[out, r]`, checked.
+pub(crate) fn check_pair(a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
+    expect_dtype(OP, "a", a, &[DType::F32])?;
+    expect_dtype(OP, "b", b, &[DType::F32])?;
+    let ((r, inp), (o, rb)) = (a.rows_cols(), b.rows_cols());
+    if r != rb || r == 0 || a.shape().len() != 2 || b.shape().len() != 2 {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "a {:?} and b {:?} are not [r, in] and [out, r]",
+                a.shape(),
+                b.shape()
+            ),
+        ));
+    }
+    Ok((r, inp, o))
+}
+
+/// A bf16 buffer on `like`'s device for a split (every element is written by the split:
+/// no zeroing on the GPU).
+pub(crate) fn split_buffer(like: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    match like.device() {
+        Device::Cuda(g) => Tensor::uninit_cuda(&g, shape, DType::BF16),
+        Device::Cpu => Tensor::zeros(shape, DType::BF16, &Device::Cpu),
     }
 }
 
@@ -701,42 +751,24 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     let mut a3 = Tensor::zeros(&[6 * r, inp], DType::BF16, &dev)?;
     let mut b3 = Tensor::zeros(&[out, 3 * r], DType::BF16, &dev)?;
     let mut big3 = Tensor::zeros(&[80, 3 * 65536], DType::BF16, &dev)?;
-    let mut jobs = vec![
-        SplitJob {
-            src: &ag,
-            dst: &mut a3,
-            dst_offset: 0,
-            rows: 1,
-            cols: r * inp,
-            parts: Parts3::HiLoHi,
-        },
-        SplitJob {
-            src: &bg,
-            dst: &mut b3,
-            dst_offset: 0,
-            rows: out,
-            cols: r,
-            parts: Parts3::HiHiLo,
-        },
-        SplitJob {
-            src: &bigg,
-            dst: &mut big3,
-            dst_offset: 0,
-            rows: 80,
-            cols: 65536,
-            parts: Parts3::HiHiLo,
-        },
-    ];
-    split3_multi(&mut jobs)?;
-    drop(jobs);
-    split3_multi(&mut [SplitJob {
-        src: &a2g,
-        dst: &mut a3,
-        dst_offset: 3 * r * inp,
-        rows: 1,
-        cols: r * inp,
-        parts: Parts3::HiLoHi,
-    }])?;
+    let mut batch = SplitBatch::default();
+    let (ia3, ib3, ibig) = (batch.dst(&mut a3), batch.dst(&mut b3), batch.dst(&mut big3));
+    for (src, dst, dst_offset, rows, cols, parts) in [
+        (&ag, ia3, 0, 1, r * inp, Parts3::HiLoHi),
+        (&bg, ib3, 0, out, r, Parts3::HiHiLo),
+        (&bigg, ibig, 0, 80, 65536, Parts3::HiHiLo),
+        (&a2g, ia3, 3 * r * inp, 1, r * inp, Parts3::HiLoHi),
+    ] {
+        batch.jobs.push(SplitJob {
+            src,
+            dst,
+            dst_offset,
+            rows,
+            cols,
+            parts,
+        });
+    }
+    batch.run()?;
     let a3_want = Tensor::from_f32_as(
         &[6 * r, inp],
         [&a, &a2]
@@ -749,7 +781,16 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         DType::BF16,
     )?;
     let b3_want = split3(&b, out, 1, r, &[0], 1.0, Parts3::HiHiLo, &[out, 3 * r])?;
-    let big3_want = split3(&big, 80, 1, 65536, &[0], 1.0, Parts3::HiHiLo, &[80, 3 * 65536])?;
+    let big3_want = split3(
+        &big,
+        80,
+        1,
+        65536,
+        &[0],
+        1.0,
+        Parts3::HiHiLo,
+        &[80, 3 * 65536],
+    )?;
     for (case, got, want) in [
         ("multi 2 x A [16, 4096] stacked", &a3, &a3_want),
         ("multi B [14336, 16]", &b3, &b3_want),
@@ -950,27 +991,24 @@ mod tests {
         let b = Tensor::from_f32(&[7, 4], Rng::new(2).normal_vec(28, 0.1)).unwrap();
         let mut a3 = Tensor::zeros(&[24, 10], DType::BF16, &Device::Cpu).unwrap();
         let mut b3 = Tensor::zeros(&[7, 12], DType::BF16, &Device::Cpu).unwrap();
-        split3_multi(&mut [SplitJob {
-            src: &b,
-            dst: &mut b3,
-            dst_offset: 0,
-            rows: 7,
-            cols: 4,
-            parts: Parts3::HiHiLo,
-        }])
-        .unwrap();
+        let job = |src, dst, dst_offset, rows, cols, parts| SplitJob {
+            src,
+            dst,
+            dst_offset,
+            rows,
+            cols,
+            parts,
+        };
         // The second A first: each job writes only its own rows of the stacked buffer.
-        for (src, at) in [(&a2, 120), (&a, 0)] {
-            split3_multi(&mut [SplitJob {
-                src,
-                dst: &mut a3,
-                dst_offset: at,
-                rows: 1,
-                cols: 40,
-                parts: Parts3::HiLoHi,
-            }])
-            .unwrap();
-        }
+        split3_multi(
+            &[
+                job(&b, 1, 0, 7, 4, Parts3::HiHiLo),
+                job(&a2, 0, 120, 1, 40, Parts3::HiLoHi),
+                job(&a, 0, 0, 1, 40, Parts3::HiLoHi),
+            ],
+            &mut [&mut a3, &mut b3],
+        )
+        .unwrap();
         let want_a: Vec<f32> = [&a, &a2]
             .iter()
             .flat_map(|a| f32s(&split3(a, 1, 1, 40, &[0], 1.0, Parts3::HiLoHi, &[12, 10]).unwrap()))
@@ -978,16 +1016,16 @@ mod tests {
         let want_b = split3(&b, 7, 1, 4, &[0], 1.0, Parts3::HiHiLo, &[7, 12]).unwrap();
         assert_eq!(f32s(&a3), want_a);
         assert_eq!(f32s(&b3), f32s(&want_b));
-        // A stacked buffer too short for the job is an error naming it, not a panic.
-        let err = split3_multi(&mut [SplitJob {
-            src: &a,
-            dst: &mut b3,
-            dst_offset: 80,
-            rows: 1,
-            cols: 40,
-            parts: Parts3::HiLoHi,
-        }])
-        .unwrap_err();
+        // A buffer too short for the job, or a job naming no buffer, is an error naming
+        // it, not a panic.
+        let err =
+            split3_multi(&[job(&a, 0, 80, 1, 40, Parts3::HiLoHi)], &mut [&mut b3]).unwrap_err();
+        let missing =
+            split3_multi(&[job(&a, 1, 0, 1, 40, Parts3::HiLoHi)], &mut [&mut b3]).unwrap_err();
+        assert!(
+            missing.to_string().contains("destination 1 of 1"),
+            "{missing}"
+        );
         assert!(err.to_string().contains("cannot hold"), "{err}");
     }
 

@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod fused_linear_cross_entropy;
 pub mod layer_norm;
 pub mod lora_group;
+pub mod lora_group_split;
 pub mod lora_linear;
 pub mod lora_split;
 pub mod matmul;
@@ -58,6 +59,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         lora_linear::CHECK,
         lora_linear::MERGE_CHECK,
         lora_group::CHECK,
+        lora_group_split::CHECK,
         adamw::CHECK,
         attention::CHECK,
         dropout::CHECK,
@@ -77,6 +79,7 @@ pub fn all_benches() -> Vec<KernelBench> {
         fused_linear_cross_entropy::BENCH,
         lora_linear::BENCH,
         lora_group::BENCH,
+        lora_group_split::BENCH,
         adamw::BENCH,
         attention::BENCH,
     ]
