@@ -237,7 +237,11 @@ impl Decoder {
         if !self.uses_splits() {
             return Ok(None);
         }
-        Ok(Some(layer_splits(&self.lora.layers[i])?))
+        // Evaluation runs no dropout: grouped wherever the fused LoRA op runs.
+        Ok(Some(layer_splits(
+            &self.lora.layers[i],
+            self.fusion.lora_linear,
+        )?))
     }
 
     /// Seed the LoRA dropout masks of optimizer step `step` of a run seeded `run_seed`, and
@@ -358,6 +362,8 @@ impl Decoder {
         self.micro_batch += 1;
         let (seed, spec, fusion) = (self.dropout_seed, &self.spec, self.fusion);
         let with_splits = self.uses_splits();
+        // The layers run q/k/v and gate/up grouped with the fused LoRA op and no dropout.
+        let grouped = fusion.lora_linear && p == 0.0;
         fn layer<'a>(
             spec: &'a DecoderSpec,
             w: &'a LayerWeights,
@@ -376,7 +382,7 @@ impl Decoder {
         let dropout = |i: usize| LayerDropout::new(p, seed, micro_batch, i);
         let splits_of = |lora: &LayerLora| -> Result<Option<LayerSplits>> {
             Ok(if with_splits {
-                Some(layer_splits(lora)?)
+                Some(layer_splits(lora, grouped)?)
             } else {
                 None
             })

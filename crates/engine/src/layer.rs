@@ -37,6 +37,9 @@ use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
 use tigon_kernels::ops::lora_group::{
     lora_group_backward, lora_group_forward, stack_rows, GroupMember, LoraGroup, MemberAdapter,
 };
+use tigon_kernels::ops::lora_group_split::{
+    lora_group_backward_split, lora_group_forward_split, GroupSplits,
+};
 use tigon_kernels::ops::lora_linear::{lora_linear_backward_accumulate, lora_linear_xa};
 use tigon_kernels::ops::matmul::{matmul, matmul_into};
 use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
@@ -109,7 +112,7 @@ fn norm(spec: &DecoderSpec) -> RmsNorm {
 
 impl Layer<'_> {
     fn split(&self, p: Proj) -> Option<&tigon_kernels::ops::lora_split::LoraSplit> {
-        self.splits.and_then(|s| s[p as usize].as_ref())
+        self.splits.and_then(|s| s.each[p as usize].as_ref())
     }
 
     fn attention(&self) -> Attention {
@@ -132,34 +135,46 @@ impl Layer<'_> {
         }
     }
 
-    /// Whether the projections of `group` (one input) run through the grouped LoRA op:
-    /// with the fused LoRA op, no dropout (each adapter would read its own input), the bf16
-    /// adapter path (the grouped op has no fp32-accurate split path yet: with splits each
-    /// projection runs on its own) and at least one adapter in the group.
-    fn grouped(&self, lora: &LayerLora, group: &[Proj]) -> bool {
+    /// Whether the projections of group `gi` of [`SHARED_INPUT_GROUPS`] (one input) run
+    /// through the grouped LoRA op: with the fused LoRA op, no dropout (each adapter would
+    /// read its own input), at least one adapter in the group, and on the split path the
+    /// group's stacked splits (made when its adapters share one rank, see
+    /// [`crate::lora::layer_splits`]).
+    fn grouped(&self, lora: &LayerLora, gi: usize) -> bool {
         self.fusion.lora_linear
             && self.dropout.is_none()
-            && self.splits.is_none()
-            && group.iter().any(|&p| lora[p as usize].is_some())
+            && SHARED_INPUT_GROUPS[gi]
+                .iter()
+                .any(|&p| lora[p as usize].is_some())
+            && self.splits.is_none_or(|s| s.groups[gi].is_some())
     }
 
-    /// The projections of `group` through the grouped LoRA op: their outputs in group
-    /// order and the group's `x A_cat^T`. The stacked A is the one the step's compute
-    /// copies hold, or stacked here (evaluation, f32) from each adapter's A.
+    /// Group `gi`'s splits, on the split path.
+    fn group_splits(&self, gi: usize) -> Option<&GroupSplits> {
+        self.splits.and_then(|s| s.groups[gi].as_ref())
+    }
+
+    /// The projections of group `gi` through the grouped LoRA op: their outputs in group
+    /// order and the group's `x A_cat^T` (its split on the split path). The stacked A is
+    /// the group's split, the one the step's compute copies hold, or stacked here
+    /// (evaluation, f32) from each adapter's A.
     fn project_group(
         &self,
         lora: &LayerLora,
-        group: &[Proj],
+        gi: usize,
         x: &Tensor,
     ) -> Result<(Vec<Tensor>, Tensor)> {
+        let group = SHARED_INPUT_GROUPS[gi];
+        let splits = self.group_splits(gi);
         let adapters: Vec<_> = group
             .iter()
             .filter_map(|&p| lora[p as usize].as_ref())
             .collect();
         let stacked;
-        let a_cat = match adapters.iter().find_map(|t| t.a_group.as_ref()) {
-            Some(a) => a,
-            None => {
+        let a_cat = match (splits, adapters.iter().find_map(|t| t.a_group.as_ref())) {
+            (Some(gs), _) => &gs.a3_cat,
+            (None, Some(a)) => a,
+            (None, None) => {
                 let parts: Vec<&Tensor> = adapters
                     .iter()
                     .map(|t| t.a_compute.as_ref().unwrap_or(&t.a))
@@ -168,32 +183,43 @@ impl Layer<'_> {
                 &stacked
             }
         };
+        let mut b3 = splits.map(|gs| gs.b3.iter());
         let members = group
             .iter()
             .map(|&p| GroupMember {
                 w: self.w.projection(p),
                 bias: self.bias(p),
                 adapter: lora[p as usize].as_ref().map(|t| MemberAdapter {
-                    b: t.b_compute.as_ref().unwrap_or(&t.b),
+                    b: match &mut b3 {
+                        Some(it) => it.next().expect("one split per adapter"),
+                        None => t.b_compute.as_ref().unwrap_or(&t.b),
+                    },
                     scaling: t.scaling,
                 }),
             })
             .collect();
-        let f = lora_group_forward(&LoraGroup { a_cat, members }, x)?;
+        let g = LoraGroup { a_cat, members };
+        let f = match splits {
+            Some(_) => lora_group_forward_split(&g, x)?,
+            None => lora_group_forward(&g, x)?,
+        };
         Ok((f.ys, f.xa))
     }
 
-    /// The input gradient of the projections of `group` (grouped, see
+    /// The input gradient of the projections of group `gi` (grouped, see
     /// [`Layer::project_group`]) from their output gradients `dys` in group order,
     /// accumulating their LoRA gradients.
     fn project_group_backward(
         &self,
         lora: &mut LayerLora,
-        group: &[Proj],
+        gi: usize,
         dys: &[&Tensor],
         x: &Tensor,
         xa: &Tensor,
     ) -> Result<Tensor> {
+        let group = SHARED_INPUT_GROUPS[gi];
+        let splits = self.group_splits(gi);
+        let mut b3 = splits.map(|gs| gs.b3.iter());
         let mut members = Vec::with_capacity(group.len());
         let mut grads = Vec::with_capacity(group.len());
         let mut parts = Vec::with_capacity(group.len());
@@ -210,7 +236,10 @@ impl Layer<'_> {
                 parts.push(g.a);
                 grads.push((g.da, g.db));
                 MemberAdapter {
-                    b: g.b,
+                    b: match &mut b3 {
+                        Some(it) => it.next().expect("one split per adapter"),
+                        None => g.b,
+                    },
                     scaling: g.scaling,
                 }
             });
@@ -221,15 +250,19 @@ impl Layer<'_> {
             });
         }
         let stacked;
-        let a_cat = match a_group {
-            Some(a) => a,
-            None => {
+        let a_cat = match (splits, a_group) {
+            (Some(gs), _) => &gs.a3_cat,
+            (None, Some(a)) => a,
+            (None, None) => {
                 stacked = stack_rows(&parts, x.dtype())?;
                 &stacked
             }
         };
         let g = LoraGroup { a_cat, members };
-        Ok(lora_group_backward(&g, dys, x, xa, &mut grads)?)
+        Ok(match splits {
+            Some(_) => lora_group_backward_split(&g, dys, x, xa, &mut grads)?,
+            None => lora_group_backward(&g, dys, x, xa, &mut grads)?,
+        })
     }
 
     /// `x W^T (+ bias) + s (x A^T) B^T`; returns the output and, with LoRA, `x A^T`.
@@ -416,7 +449,7 @@ impl Layer<'_> {
         let n1 = self
             .fusion
             .rms_norm_forward(x, &self.w.input_layernorm, norm(s))?;
-        let [qkv, mlp] = SHARED_INPUT_GROUPS;
+        let (qkv, mlp) = (0, 1);
         let (q, k, v, [xa_q, xa_k, xa_v], qkv_xa) = if self.grouped(lora, qkv) {
             let (ys, xa) = self.project_group(lora, qkv, &n1.y)?;
             let [q, k, v]: [Tensor; 3] = ys.try_into().expect("three members");
@@ -535,7 +568,7 @@ impl Layer<'_> {
         let dact = self.down_backward(lora, &dout, act, xa[6].as_ref())?;
         self.fusion.swiglu_backward(&dact, &mut gate, &mut up)?;
         drop(dact);
-        let [qkv, mlp] = SHARED_INPUT_GROUPS;
+        let (qkv, mlp) = (0, 1);
         let mut dh2 = match &mlp_xa {
             Some(xa_cat) => self.project_group_backward(lora, mlp, &[&gate, &up], &h2, xa_cat)?,
             None => {
@@ -607,7 +640,7 @@ impl Layer<'_> {
 mod tests {
     use super::*;
     use crate::decoder::Batch;
-    use crate::lora::LoraState;
+    use crate::lora::{layer_splits, LoraState};
     use crate::parity::read_batch;
     use crate::parity::tests::fixture;
     use tigon_kernels::check::rel_err;
@@ -618,23 +651,31 @@ mod tests {
 
     /// tiny_llama's first layer in bf16 on the CPU, forward and backward, with the step's
     /// compute copies stacked per group (the grouped LoRA op) or one per projection (the
-    /// per-projection op): its output, input gradient and every LoRA gradient.
-    fn layer_step(grouped: bool) -> Vec<Vec<f32>> {
+    /// per-projection op), or with `split` the fp32-accurate split path's splits, stacked
+    /// per group or not: its output, input gradient and every LoRA gradient.
+    fn layer_step(grouped: bool, split: bool) -> Vec<Vec<f32>> {
         let dir = fixture("tiny_llama");
         let weights =
             ModelWeights::from_dir(&dir.join("model"), &Device::Cpu, DType::BF16).unwrap();
         let adapter = Adapter::load(&dir.join("adapter"), "default", &weights.config).unwrap();
         let mut lora = LoraState::from_adapter(&adapter, &weights.config, &Device::Cpu).unwrap();
-        lora.set_compute_copies_grouped(DType::BF16, grouped)
-            .unwrap();
-        assert_eq!(
-            lora.layers[0][Proj::Q as usize]
-                .as_ref()
-                .unwrap()
-                .a_group
-                .is_some(),
-            grouped
-        );
+        let splits = split.then(|| layer_splits(&lora.layers[0], grouped).unwrap());
+        if let Some(s) = &splits {
+            assert_eq!(s.groups.iter().all(|g| g.is_some()), grouped);
+            assert!(s.each[Proj::O as usize].is_some());
+            assert_eq!(s.each[Proj::Q as usize].is_some(), !grouped);
+        } else {
+            lora.set_compute_copies_grouped(DType::BF16, grouped)
+                .unwrap();
+            assert_eq!(
+                lora.layers[0][Proj::Q as usize]
+                    .as_ref()
+                    .unwrap()
+                    .a_group
+                    .is_some(),
+                grouped
+            );
+        }
         let batch: Batch = read_batch(&dir.join("batch.json")).unwrap();
         let n = batch.tokens();
         let ctx = BatchCtx {
@@ -655,7 +696,7 @@ mod tests {
             w: &weights.layers[0],
             fusion: Fusion::all(),
             dropout: None,
-            splits: None,
+            splits: splits.as_ref(),
         };
         let (out, saved) = layer.forward(&lora.layers[0], &x, &ctx, true).unwrap();
         let dx = layer
@@ -676,7 +717,7 @@ mod tests {
     /// the q/k/v and o gradients, at bf16 precision.
     #[test]
     fn grouped_layer_matches_the_per_projection_layer_in_bf16() {
-        let (grouped, single) = (layer_step(true), layer_step(false));
+        let (grouped, single) = (layer_step(true, false), layer_step(false, false));
         assert_eq!(grouped.len(), single.len());
         assert_eq!(grouped[0], single[0], "layer output");
         // Gradient order: q, k, v, o, gate, up, down (dA, dB each) after out and dx.
@@ -689,5 +730,27 @@ mod tests {
                 assert!(e < 2e-2, "output {i}: rel err {e:e}");
             }
         }
+    }
+
+    /// The same on the fp32-accurate split path: the grouped split op against per-projection
+    /// splits. The forward and the gate/up/down gradients bitwise; the rest at bf16
+    /// precision (dx rounds the groups' sums elsewhere, reaching q/k/v/o through attention).
+    #[test]
+    fn grouped_split_layer_matches_the_per_projection_split_layer() {
+        let (grouped, single) = (layer_step(true, true), layer_step(false, true));
+        assert_eq!(grouped.len(), single.len());
+        assert_eq!(grouped[0], single[0], "layer output");
+        let exact = [10, 11, 12, 13, 14, 15];
+        for (i, (g, s)) in grouped.iter().zip(&single).enumerate().skip(1) {
+            if exact.contains(&i) {
+                assert_eq!(g, s, "output {i}");
+            } else {
+                let e = rel_err(g, s);
+                assert!(e < 2e-2, "output {i}: rel err {e:e}");
+            }
+        }
+        // And the split path is not the bf16 path: the adapters' products differ.
+        let bf16 = layer_step(true, false);
+        assert_ne!(grouped[14], bf16[14], "gate dB on the split path");
     }
 }

@@ -4,8 +4,9 @@
 //! be saved.
 
 use tigon_kernels::ops::adamw::cast_multi_to_bf16_at;
+use tigon_kernels::ops::lora_group_split::GroupSplits;
 use tigon_kernels::ops::lora_linear::LoraLinear;
-use tigon_kernels::ops::lora_split::LoraSplit;
+use tigon_kernels::ops::lora_split::{LoraSplit, SplitBatch};
 use tigon_kernels::{DType, Device, Tensor};
 use tigon_model::{Adapter, ModelConfig, Projection};
 
@@ -186,18 +187,61 @@ pub type LayerLora = [Option<LoraTensors>; 7];
 
 /// One layer's adapters as hi/lo splits (see [`LoraPrecision::Fp32`]), made just before the
 /// layer runs and dropped after: one layer's worth of memory at a time.
-pub type LayerSplits = [Option<LoraSplit>; 7];
+#[derive(Default)]
+pub struct LayerSplits {
+    /// Per projection, for the adapters that run on their own.
+    pub each: [Option<LoraSplit>; 7],
+    /// Per [`SHARED_INPUT_GROUPS`] group that runs through the grouped op: its adapters'
+    /// splits with the A stacked.
+    pub groups: [Option<GroupSplits>; 2],
+}
 
-/// The splits of every adapter of `layer`, in one launch on the GPU.
-pub fn layer_splits(layer: &LayerLora) -> Result<LayerSplits> {
-    let pairs: Vec<(&Tensor, &Tensor)> = layer.iter().flatten().map(|t| (&t.a, &t.b)).collect();
-    let mut made = LoraSplit::many(&pairs)?.into_iter();
-    let mut out: LayerSplits = Default::default();
-    for (slot, t) in out.iter_mut().zip(layer) {
-        if t.is_some() {
-            *slot = made.next();
+/// The splits of every adapter of `layer`, in one launch on the GPU. With `grouped` (the
+/// layer runs its q/k/v and gate/up through the grouped op: fused LoRA, no dropout), each
+/// group whose adapters share one rank gets stacked [`GroupSplits`] (the grouped split op
+/// needs one rank); other adapters get their own split.
+pub fn layer_splits(layer: &LayerLora, grouped: bool) -> Result<LayerSplits> {
+    let mut out = LayerSplits::default();
+    let mut in_group = [false; 7];
+    let mut group_pairs: [Vec<(&Tensor, &Tensor)>; 2] = Default::default();
+    if grouped {
+        for (gi, group) in SHARED_INPUT_GROUPS.iter().enumerate() {
+            let members: Vec<&LoraTensors> = group
+                .iter()
+                .filter_map(|&p| layer[p as usize].as_ref())
+                .collect();
+            let Some(first) = members.first() else {
+                continue;
+            };
+            if members.iter().any(|t| t.rank() != first.rank()) {
+                continue;
+            }
+            let pairs: Vec<(&Tensor, &Tensor)> = members.iter().map(|t| (&t.a, &t.b)).collect();
+            out.groups[gi] = Some(GroupSplits::alloc(&pairs)?);
+            group_pairs[gi] = pairs;
+            for &p in group.iter() {
+                in_group[p as usize] = true;
+            }
         }
     }
+    for ((slot, t), &grouped) in out.each.iter_mut().zip(layer).zip(&in_group) {
+        if let (Some(t), false) = (t, grouped) {
+            *slot = Some(LoraSplit::alloc(&t.a, &t.b)?);
+        }
+    }
+    let mut batch = SplitBatch::default();
+    let LayerSplits { each, groups } = &mut out;
+    for (sp, t) in each.iter_mut().zip(layer) {
+        if let (Some(sp), Some(t)) = (sp, t) {
+            sp.add_jobs(&t.a, &t.b, &mut batch);
+        }
+    }
+    for (g, pairs) in groups.iter_mut().zip(&group_pairs) {
+        if let Some(g) = g {
+            g.add_jobs(pairs, &mut batch);
+        }
+    }
+    batch.run()?;
     Ok(out)
 }
 
