@@ -40,7 +40,10 @@ use tigon_kernels::ops::lora_group::{
 use tigon_kernels::ops::lora_group_split::{
     lora_group_backward_split, lora_group_forward_split, GroupSplits,
 };
-use tigon_kernels::ops::lora_linear::{lora_linear_backward_accumulate, lora_linear_xa};
+use tigon_kernels::ops::lora_linear::{
+    lora_linear_backward_accumulate, lora_linear_backward_adapter, lora_linear_finish_dx,
+    lora_linear_xa,
+};
 use tigon_kernels::ops::matmul::{matmul, matmul_into};
 use tigon_kernels::ops::rms_norm::{RmsNorm, RmsNormKind};
 use tigon_kernels::Tensor;
@@ -371,6 +374,12 @@ impl Layer<'_> {
                         .lora_backward(&layer, dy, &act_d, xa, da, db, false)?;
                     drop(act_d);
                     return d.backward_dx(Proj::Down, &layer, dy);
+                }
+                if self.fusion.lora_linear {
+                    // The fused op keeps its small `s dy B` factor across the free of `act`.
+                    let pending = lora_linear_backward_adapter(&layer, dy, &act, xa, da, db)?;
+                    drop(act);
+                    return Ok(lora_linear_finish_dx(&layer, dy, pending)?);
                 }
                 self.fusion
                     .lora_backward(&layer, dy, &act, xa, da, db, false)?;

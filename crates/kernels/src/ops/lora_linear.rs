@@ -411,6 +411,48 @@ pub fn lora_linear_backward_dx(layer: &LoraLinear, dy: &Tensor) -> Result<Tensor
     Ok(dx)
 }
 
+/// The rank-r input-gradient factor `s dy B` (`[.., r]`, or its `[.., 3r]` split with
+/// [`LoraLinear::split`]) that [`lora_linear_backward_adapter`] leaves for
+/// [`lora_linear_finish_dx`]: a few hundred KB, so a caller can free the forward input
+/// between the two without recomputing it.
+pub struct PendingDx {
+    dxa: Tensor,
+}
+
+/// [`lora_linear_backward`] without `dx`: `dB += s dy^T xa`, `dA += (s dy B)^T x`, and
+/// the factor [`lora_linear_finish_dx`] needs for `dx`.
+pub fn lora_linear_backward_adapter(
+    layer: &LoraLinear,
+    dy: &Tensor,
+    x: &Tensor,
+    xa: &Tensor,
+    da: &mut Tensor,
+    db: &mut Tensor,
+) -> Result<PendingDx> {
+    let (dxa, _) = backward_adapter(layer, dy, x, xa, da, db)?;
+    Ok(PendingDx { dxa })
+}
+
+/// `dx = dy W + (s dy B) A` from [`lora_linear_backward_adapter`]'s factor: what
+/// [`lora_linear_backward_dx`] computes, without forming `s dy B` again.
+pub fn lora_linear_finish_dx(layer: &LoraLinear, dy: &Tensor, p: PendingDx) -> Result<Tensor> {
+    let (_, inp, gpu) = check_backward_dx(layer, dy)?;
+    let want = with_last(dy, p.dxa.shape().last().copied().unwrap_or(0));
+    if p.dxa.shape() != want.as_slice() {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "pending dx factor {:?} does not match dy {:?}",
+                p.dxa.shape(),
+                dy.shape()
+            ),
+        ));
+    }
+    let mut dx = output(&gpu, &with_last(dy, inp), dy.dtype())?;
+    input_grad_into(layer, dy, &p.dxa, &mut dx, 0.0)?;
+    Ok(dx)
+}
+
 /// [`lora_linear_backward`]'s inputs checked: the layer's sizes and the GPU (None: the CPU).
 fn check_backward(
     layer: &LoraLinear,
@@ -1129,10 +1171,17 @@ mod tests {
             let mut db = Tensor::zeros(&[out, r], DType::F32, &Device::Cpu).unwrap();
             let dx = lora_linear_backward(&layer, &dy, &x, &f.xa, &mut da, &mut db, true).unwrap();
             let dx_alone = lora_linear_backward_dx(&layer, &dy).unwrap();
-            assert_eq!(
-                dx.unwrap().to_f32_vec().unwrap(),
-                dx_alone.to_f32_vec().unwrap()
-            );
+            let dx = dx.unwrap().to_f32_vec().unwrap();
+            assert_eq!(dx, dx_alone.to_f32_vec().unwrap());
+            // The two-phase backward: the same gradients, dx without recomputing s dy B.
+            let mut da2 = Tensor::zeros(&[r, inp], DType::F32, &Device::Cpu).unwrap();
+            let mut db2 = Tensor::zeros(&[out, r], DType::F32, &Device::Cpu).unwrap();
+            let pending =
+                lora_linear_backward_adapter(&layer, &dy, &x, &f.xa, &mut da2, &mut db2).unwrap();
+            let dx2 = lora_linear_finish_dx(&layer, &dy, pending).unwrap();
+            assert_eq!(dx2.to_f32_vec().unwrap(), dx);
+            assert_eq!(da2.to_f32_vec().unwrap(), da.to_f32_vec().unwrap());
+            assert_eq!(db2.to_f32_vec().unwrap(), db.to_f32_vec().unwrap());
             let xa = lora_linear_xa(&layer, &x).unwrap();
             assert_eq!(xa.to_f32_vec().unwrap(), f.xa.to_f32_vec().unwrap());
             (
