@@ -53,6 +53,33 @@ extern "C" __global__ void __launch_bounds__(256) lora_fold3(float* __restrict__
     }
 }
 
+// The backward's two small steps in one launch: threads [0, fold_n) fold as lora_fold3
+// (blocks 0 and 1, `fold_scale`) into `dst`; the rest split `q` as lora_split3 (blocks 0 and
+// 2 summed, `split_scale`, parts [hi, hi, lo]) into `d3`. Saves a launch per adapter.
+extern "C" __global__ void __launch_bounds__(256) lora_fold_split(
+    float* __restrict__ dst, const float* __restrict__ t, long long fold_rows, int fold_cols,
+    float fold_scale, const float* __restrict__ q, bf16* __restrict__ d3, long long split_rows,
+    int split_cols, float split_scale) {
+    const long long fold_n = fold_rows * fold_cols;
+    const long long n = fold_n + split_rows * split_cols;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        if (e < fold_n) {
+            const long long row = e / fold_cols;
+            const int col = (int)(e - row * fold_cols);
+            const float* s = t + row * 3 * (long long)fold_cols + col;
+            dst[e] += fold_scale * (s[0] + s[fold_cols]);
+        } else {
+            const long long f = e - fold_n;
+            const long long row = f / split_cols;
+            const int col = (int)(f - row * split_cols);
+            const float* s = q + row * 3 * (long long)split_cols + col;
+            split_store(d3, row, split_cols, col, (s[0] + s[2 * (long long)split_cols]) * split_scale,
+                        0b100);
+        }
+    }
+}
+
 // Entries per multi-tensor launch: the table travels as a by-value kernel parameter (read
 // from the constant bank, nothing uploaded, so no host synchronisation), within the 4 KiB
 // parameter space. ops/lora_split.rs's MULTI_CAP.

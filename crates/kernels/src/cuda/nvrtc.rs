@@ -174,12 +174,64 @@ mod tests {
             return;
         }
         let mut failures = Vec::new();
+        let mut cubins = std::collections::HashMap::new();
         for source in crate::ops::ALL_SOURCES {
             match compile(source, (9, 0)) {
-                Ok(cubin) => assert!(cubin.starts_with(b"\x7fELF"), "{} gave no ELF", source.name),
+                Ok(cubin) => {
+                    assert!(cubin.starts_with(b"\x7fELF"), "{} gave no ELF", source.name);
+                    cubins.insert(source.name, cubin);
+                }
                 Err(e) => failures.push(e.to_string()),
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+        // Every kernel an op asks for by a literal name is an entry point of its source's
+        // CUBIN (a kernel renamed or dropped from a .cu would otherwise fail only on a GPU).
+        let ops = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&ops).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let Some(source) = own_source_name(&text) else {
+                continue;
+            };
+            let cubin = &cubins[source.as_str()];
+            for name in literal_kernel_names(&text) {
+                let mut sym = name.clone().into_bytes();
+                sym.push(0);
+                assert!(
+                    cubin.windows(sym.len()).any(|w| w == sym.as_slice()),
+                    "{}: kernel `{name}` is not in {source}'s CUBIN",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "only {checked} kernel names found in src/ops");
+    }
+
+    /// The `name` of the `pub const SOURCE: KernelSource` an op file declares.
+    fn own_source_name(text: &str) -> Option<String> {
+        let at = text.find("pub const SOURCE: KernelSource")?;
+        let rest = &text[at..];
+        let name = rest.find("name: \"")? + "name: \"".len();
+        Some(rest[name..name + rest[name..].find('"')?].to_string())
+    }
+
+    /// The string literals in `function(&SOURCE, "...")` calls of an op file.
+    fn literal_kernel_names(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (at, _) in text.match_indices("function(") {
+            let rest = text[at + "function(".len()..].trim_start();
+            let Some(rest) = rest.strip_prefix("&SOURCE,") else {
+                continue;
+            };
+            if let Some(lit) = rest.trim_start().strip_prefix('"') {
+                if let Some(end) = lit.find('"') {
+                    out.push(lit[..end].to_string());
+                }
+            }
+        }
+        out
     }
 }

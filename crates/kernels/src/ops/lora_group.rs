@@ -8,8 +8,9 @@
 //!   each update `s_p xa_p B_p^T` reads its column block of `xa` (ld = sum r);
 //! - the backward writes each `dxa_p = s_p dy_p B_p` into its column block of one
 //!   `[n, sum r]` buffer and forms the whole adapter share of the input gradient in ONE
-//!   write-only GEMM, `dx = dxa a_cat`; the base GEMMs `dx += dy_p W_p` then accumulate onto
-//!   it (beta = 1, nearly free for a compute-bound GEMM).
+//!   GEMM, `dxa a_cat`, with the base GEMMs `dy_p W_p` accumulating onto one another
+//!   (beta = 1); the rank-r GEMM goes first (write-only) or last, as [`rank_r_first`]
+//!   orders a single projection's.
 //!
 //! As in `lora_linear`, each output starts with its rank-r term (write-only) and the base
 //! GEMM adds onto it, so no rank-r GEMM reads and rewrites a full-size output. Ranks may
@@ -18,8 +19,8 @@
 //! tensors it replaces have the same total size.
 //!
 //! Rounding (bf16 x): as `lora_linear` per member, `y_p = bf16(x W_p^T + bf16(bias_p +
-//! s_p xa_p B_p^T))`; the input gradient is `dx = bf16(dy_m W_m + ... bf16(dy_1 W_1 +
-//! bf16(dxa a_cat)))`, one rounding per GEMM. dA, dB are the per-member ones exactly. The
+//! s_p xa_p B_p^T))`; the input gradient rounds once per GEMM, e.g. `dx = bf16(dy_m W_m +
+//! ... bf16(dy_1 W_1 + bf16(dxa a_cat)))` with the rank-r GEMM first. dA, dB are the per-member ones exactly. The
 //! CPU reference runs the same GEMMs on the same blocks through the CPU GEMM.
 
 use std::sync::Arc;
@@ -382,15 +383,39 @@ pub fn lora_group_backward(
         };
         gemm_cols(&gpu, dxa_p, true, Cols::all(x), false, da, 0, 1.0, 1.0)?;
     }
-    let mut dx = output(&gpu, x.shape(), dt)?;
-    {
-        let mut a_slot = None;
-        let a = as_dtype(g.a_cat, dt, &mut a_slot)?;
-        matmul_into(&dxa, false, a, false, &mut dx, 1.0, 0.0)?;
+    let mut a_slot = None;
+    let a = as_dtype(g.a_cat, dt, &mut a_slot)?;
+    group_input_grad(g, &plan, &gpu, dys, x, &dxa, a)
+}
+
+/// `dx = dxa a_cat + sum_p dy_p W_p`: the adapters' share in one GEMM and the base GEMMs,
+/// each accumulating onto the last, in the order [`rank_r_first`] picks for the widest
+/// member: the rank-r GEMM written first where dx is wider than the base reductions; else
+/// the first base GEMM writes dx and the rank-r GEMM adds last (a base GEMM with K = 14336
+/// pays ~50 us on the H100 for reading its beta, so gate/up keep one such read, not two).
+pub(crate) fn group_input_grad(
+    g: &LoraGroup,
+    plan: &Plan,
+    gpu: &Option<Arc<Gpu>>,
+    dys: &[&Tensor],
+    x: &Tensor,
+    dxa: &Tensor,
+    a_cat: &Tensor,
+) -> Result<Tensor> {
+    let mut dx = output(gpu, x.shape(), x.dtype())?;
+    let widest = plan.outs.iter().copied().max().unwrap_or(0);
+    let lora_first = rank_r_first(plan.inp, widest);
+    let mut beta = 0.0;
+    if lora_first {
+        matmul_into(dxa, false, a_cat, false, &mut dx, 1.0, beta)?;
+        beta = 1.0;
     }
-    drop(dxa);
     for (m, dy) in g.members.iter().zip(dys) {
-        matmul_into(dy, false, m.w, false, &mut dx, 1.0, 1.0)?;
+        matmul_into(dy, false, m.w, false, &mut dx, 1.0, beta)?;
+        beta = 1.0;
+    }
+    if !lora_first {
+        matmul_into(dxa, false, a_cat, false, &mut dx, 1.0, 1.0)?;
     }
     Ok(dx)
 }

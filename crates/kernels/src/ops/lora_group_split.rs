@@ -13,8 +13,8 @@
 //! plain grouped op orders them. Backward: per member `T_p = dy_p^T xa3_p` (for dB) and
 //! `Q_p = s_p dy_p b3_p` into its columns of one f32 `[n, 3mr]` buffer; one split of all of
 //! Q (blocks 0 + 2: `s dy B`); one GEMM `D3^T x` for every dA; every dA and dB fold in one
-//! launch ([`fold3_multi`]); then `dx = D3 a3_cat` written once and the base GEMMs
-//! accumulated onto it. Per group that is one A GEMM, one split and one fold launch where the
+//! launch ([`fold3_multi`]); then `dx = D3 a3_cat + sum_p dy_p W_p`, one rank-r GEMM and
+//! the base GEMMs in the plain grouped op's order. Per group that is one A GEMM, one split and one fold launch where the
 //! per-projection path has one of each per member, and x is read once instead of per member.
 //!
 //! Rounding: every rank-r product is fp32-accurate as in the per-projection split path; the
@@ -29,8 +29,8 @@ use crate::check::{compare, compare_with_tol, random_pair_par, CheckLine, GpuChe
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::ops::lora_group::{
-    check_backward, check_group, gemm_cols, group_gpu, member_outputs, Cols, GroupForward,
-    GroupMember, LoraGroup, MemberAdapter, Plan,
+    check_backward, check_group, gemm_cols, group_gpu, group_input_grad, member_outputs, Cols,
+    GroupForward, GroupMember, LoraGroup, MemberAdapter, Plan,
 };
 use crate::ops::lora_linear::{
     lora_linear_backward, lora_linear_backward_accumulate, lora_linear_forward, output, with_last,
@@ -259,13 +259,7 @@ pub fn lora_group_backward_split(
     fold3_multi(&mut jobs)?;
     drop(jobs);
     drop((ts, ta));
-    let mut dx = output(&gpu, x.shape(), x.dtype())?;
-    matmul_into(&d3, false, g.a_cat, false, &mut dx, 1.0, 0.0)?;
-    drop(d3);
-    for (mem, dy) in g.members.iter().zip(dys) {
-        matmul_into(dy, false, mem.w, false, &mut dx, 1.0, 1.0)?;
-    }
-    Ok(dx)
+    group_input_grad(g, &plan, &gpu, dys, x, &d3, g.a_cat)
 }
 
 /// One group's tensors on one device: the frozen weights, f32 adapters, their splits
