@@ -37,25 +37,26 @@ extern "C" __global__ void __launch_bounds__(256) lora_split3(const float* __res
     }
 }
 
-// dst[row, col] += scale * (src[row, i, col] + src[row, j, col]) over src [rows, 3, cols]:
+// dst[row, col] += scale * (src[row, i, col] + src[row, j, col]) over src [rows, blocks, cols]:
 // folding a split product's partial results into an fp32 gradient.
 extern "C" __global__ void __launch_bounds__(256) lora_fold3(float* __restrict__ dst,
                                                              const float* __restrict__ src,
-                                                             long long rows, int cols, int i,
-                                                             int j, float scale) {
+                                                             long long rows, int cols, int blocks,
+                                                             int i, int j, float scale) {
     const long long n = rows * cols;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
         const long long row = e / cols;
         const int col = (int)(e - row * cols);
-        const float* s = src + row * 3 * (long long)cols + col;
+        const float* s = src + row * blocks * (long long)cols + col;
         dst[e] += scale * (s[(long long)i * cols] + s[(long long)j * cols]);
     }
 }
 
-// The backward's two small steps in one launch: threads [0, fold_n) fold as lora_fold3
-// (blocks 0 and 1, `fold_scale`) into `dst`; the rest split `q` as lora_split3 (blocks 0 and
-// 2 summed, `split_scale`, parts [hi, hi, lo]) into `d3`. Saves a launch per adapter.
+// The backward's two small steps in one launch: threads [0, fold_n) fold `t` [rows, 2, cols]
+// (its two blocks, `fold_scale`) into `dst`; the rest split `q` [rows, 2, cols] as
+// lora_split3 (its two blocks summed, `split_scale`, parts [hi, hi, lo]) into `d3`. Saves a
+// launch per adapter.
 extern "C" __global__ void __launch_bounds__(256) lora_fold_split(
     float* __restrict__ dst, const float* __restrict__ t, long long fold_rows, int fold_cols,
     float fold_scale, const float* __restrict__ q, bf16* __restrict__ d3, long long split_rows,
@@ -67,15 +68,14 @@ extern "C" __global__ void __launch_bounds__(256) lora_fold_split(
         if (e < fold_n) {
             const long long row = e / fold_cols;
             const int col = (int)(e - row * fold_cols);
-            const float* s = t + row * 3 * (long long)fold_cols + col;
+            const float* s = t + row * 2 * (long long)fold_cols + col;
             dst[e] += fold_scale * (s[0] + s[fold_cols]);
         } else {
             const long long f = e - fold_n;
             const long long row = f / split_cols;
             const int col = (int)(f - row * split_cols);
-            const float* s = q + row * 3 * (long long)split_cols + col;
-            split_store(d3, row, split_cols, col, (s[0] + s[2 * (long long)split_cols]) * split_scale,
-                        0b100);
+            const float* s = q + row * 2 * (long long)split_cols + col;
+            split_store(d3, row, split_cols, col, (s[0] + s[split_cols]) * split_scale, 0b100);
         }
     }
 }
@@ -123,7 +123,7 @@ struct FoldJob {
     int i;
     int j;
     float scale;
-    int pad;
+    int blocks;
 };
 struct FoldTable {
     FoldJob jobs[LORA_MULTI_CAP];
@@ -138,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
         const long long row = e / cols;
         const int col = (int)(e - row * cols);
-        const float* s = f.src + row * 3 * (long long)cols + col;
+        const float* s = f.src + row * f.blocks * (long long)cols + col;
         f.dst[e] += f.scale * (s[(long long)f.i * cols] + s[(long long)f.j * cols]);
     }
 }

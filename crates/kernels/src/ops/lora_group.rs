@@ -27,14 +27,13 @@ use std::sync::Arc;
 
 use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
 use crate::check::{compare, random_pair, random_pair_par, CheckLine, GpuCheck};
-use crate::cuda::gemm::{GemmSpec, Operand};
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::ops::lora_linear::{
     as_dtype, lora_linear_backward, lora_linear_backward_accumulate, lora_linear_forward, output,
     rank_r_first, rows_of, with_last, LoraLinear,
 };
-use crate::ops::matmul::{cpu_matmul, matmul_into};
+use crate::ops::matmul::{gemm_cols, matmul_into, Cols};
 use crate::rng::Rng;
 use crate::{DType, Device, Tensor};
 
@@ -162,113 +161,6 @@ pub(crate) fn group_gpu(
     common_gpu(OP, &all)
 }
 
-/// Columns `[c0, c0 + cols)` of a tensor seen as 2-D `[rows, ld]` (leading dims folded):
-/// a GEMM operand through its leading dimension and a pointer offset, nothing copied.
-#[derive(Clone, Copy)]
-pub(crate) struct Cols<'t> {
-    pub t: &'t Tensor,
-    pub c0: usize,
-    pub cols: usize,
-}
-
-impl<'t> Cols<'t> {
-    pub fn all(t: &'t Tensor) -> Cols<'t> {
-        Cols {
-            t,
-            c0: 0,
-            cols: t.rows_cols().1,
-        }
-    }
-
-    /// (rows, cols) of op(block).
-    fn op_dims(&self, trans: bool) -> (usize, usize) {
-        let rows = self.t.rows_cols().0;
-        if trans {
-            (self.cols, rows)
-        } else {
-            (rows, self.cols)
-        }
-    }
-
-    fn operand(&self, trans: bool) -> Operand {
-        Operand {
-            ptr: self.t.dptr() + (self.c0 * self.t.dtype().size_in_bytes()) as u64,
-            dtype: self.t.dtype(),
-            ld: self.t.rows_cols().1,
-            trans,
-            batch_stride: 0,
-        }
-    }
-
-    /// The block's values, row-major `[rows, cols]` (CPU).
-    fn values(&self) -> Vec<f32> {
-        let ld = self.t.rows_cols().1;
-        let all = self.t.cpu_f32();
-        if self.c0 == 0 && self.cols == ld {
-            return all.into_owned();
-        }
-        all.chunks(ld)
-            .flat_map(|row| row[self.c0..self.c0 + self.cols].iter().copied())
-            .collect()
-    }
-}
-
-/// `C[:, c0 .. c0 + n] = alpha op(A) op(B) + beta C[:, c0 .. c0 + n]` on blocks: cuBLAS
-/// with offset pointers on the GPU; on the CPU the CPU GEMM with the same rounding as
-/// [`matmul_into`] (C's other columns untouched).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_cols(
-    gpu: &Option<Arc<Gpu>>,
-    a: Cols,
-    ta: bool,
-    b: Cols,
-    tb: bool,
-    c: &mut Tensor,
-    c0: usize,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    let (m, k) = a.op_dims(ta);
-    let (k2, n) = b.op_dims(tb);
-    let (cm, cn) = c.rows_cols();
-    if k != k2 || cm != m || c0 + n > cn {
-        return Err(KernelError::shape(
-            OP,
-            format!(
-                "block product [{m}, {k}] x [{k2}, {n}] into columns {c0}.. of {:?}",
-                c.shape()
-            ),
-        ));
-    }
-    match gpu {
-        Some(gpu) => {
-            let cop = Cols { t: c, c0, cols: n }.operand(false);
-            gpu.gemm(&GemmSpec {
-                m,
-                n,
-                k,
-                a: a.operand(ta),
-                b: b.operand(tb),
-                c: cop,
-                alpha,
-                beta,
-                batch: 1,
-            })
-        }
-        None => {
-            let p = cpu_matmul(&a.values(), ta, &b.values(), tb, m, n, k);
-            let mut vals = c.cpu_f32().into_owned();
-            for (row, prow) in vals.chunks_mut(cn).zip(p.chunks(n.max(1))) {
-                for (o, &pv) in row[c0..c0 + n].iter_mut().zip(prow) {
-                    *o = alpha * pv + if beta == 0.0 { 0.0 } else { beta * *o };
-                }
-            }
-            c.cpu_store_f32(&vals);
-            Ok(())
-        }
-    }
-}
-
 /// Every member's `y_p = x W_p^T (+ bias_p) + s_p (x A_p^T) B_p^T`, with one GEMM for all
 /// the `x A_p^T`; saves them as one `[.., sum r]` tensor.
 pub fn lora_group_forward(g: &LoraGroup, x: &Tensor) -> Result<GroupForward> {
@@ -314,11 +206,7 @@ pub(crate) fn member_outputs(
         if let Some(ad) = &m.adapter {
             let mut b_slot = None;
             let b = as_dtype(ad.b, dt, &mut b_slot)?;
-            let xa_p = Cols {
-                t: xa,
-                c0: plan.offsets[i],
-                cols: plan.ranks[i],
-            };
+            let xa_p = Cols::of(xa, plan.offsets[i], plan.ranks[i]);
             gemm_cols(
                 gpu,
                 xa_p,
@@ -360,27 +248,13 @@ pub fn lora_group_backward(
         let (da, db) = grads.next().expect("counted above");
         let (c0, r, s) = (plan.offsets[i], plan.ranks[i], ad.scaling);
         let dy = Cols::all(dys[i]);
-        gemm_cols(
-            &gpu,
-            dy,
-            true,
-            Cols { t: xa, c0, cols: r },
-            false,
-            db,
-            0,
-            s,
-            1.0,
-        )?;
+        gemm_cols(&gpu, dy, true, Cols::of(xa, c0, r), false, db, 0, s, 1.0)?;
         {
             let mut b_slot = None;
             let b = as_dtype(ad.b, dt, &mut b_slot)?;
             gemm_cols(&gpu, dy, false, Cols::all(b), false, &mut dxa, c0, s, 0.0)?;
         }
-        let dxa_p = Cols {
-            t: &dxa,
-            c0,
-            cols: r,
-        };
+        let dxa_p = Cols::of(&dxa, c0, r);
         gemm_cols(&gpu, dxa_p, true, Cols::all(x), false, da, 0, 1.0, 1.0)?;
     }
     let mut a_slot = None;
@@ -831,6 +705,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
 mod tests {
     use super::*;
     use crate::ops::lora_linear::lora_linear_backward_accumulate;
+    use crate::ops::matmul::cpu_matmul;
 
     struct Member {
         w: Tensor,

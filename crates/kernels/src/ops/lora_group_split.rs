@@ -10,9 +10,9 @@
 //!
 //! Forward: `P = x a3_cat^T` (one GEMM, f32 `[n, 3mr]`), split into `xa3` (blocks 0 + 1 of
 //! each member: `x A`), then per member the base GEMM and the update `s xa3_p b3_p^T` as the
-//! plain grouped op orders them. Backward: per member `T_p = dy_p^T xa3_p` (for dB) and
-//! `Q_p = s_p dy_p b3_p` into its columns of one f32 `[n, 3mr]` buffer; one split of all of
-//! Q (blocks 0 + 2: `s dy B`); one GEMM `D3^T x` for every dA; every dA and dB fold in one
+//! plain grouped op orders them. Backward: per member `T_p = dy_p^T [xa_hi | xa_lo]` (for dB)
+//! and `Q_p = s_p dy_p [B_hi | B_lo]` into its columns of one f32 `[n, 2mr]` buffer (the two
+//! blocks of each split that differ, 2r wide rather than 3r); one split of all of Q (`s dy B`); one GEMM `D3^T x` for every dA; every dA and dB fold in one
 //! launch ([`fold3_multi`]); then `dx = D3 a3_cat + sum_p dy_p W_p`, one rank-r GEMM and
 //! the base GEMMs in the plain grouped op's order. Per group that is one A GEMM, one split and one fold launch where the
 //! per-projection path has one of each per member, and x is read once instead of per member.
@@ -29,8 +29,8 @@ use crate::check::{compare, compare_with_tol, random_pair_par, CheckLine, GpuChe
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::ops::lora_group::{
-    check_backward, check_group, gemm_cols, group_gpu, group_input_grad, member_outputs, Cols,
-    GroupForward, GroupMember, LoraGroup, MemberAdapter, Plan,
+    check_backward, check_group, group_gpu, group_input_grad, member_outputs, GroupForward,
+    GroupMember, LoraGroup, MemberAdapter, Plan,
 };
 use crate::ops::lora_linear::{
     lora_linear_backward, lora_linear_backward_accumulate, lora_linear_forward, output, with_last,
@@ -39,7 +39,7 @@ use crate::ops::lora_linear::{
 use crate::ops::lora_split::{
     check_pair, fold3_multi, split3, split_buffer, FoldJob, LoraSplit, Parts3, SplitBatch, SplitJob,
 };
-use crate::ops::matmul::{matmul, matmul_into};
+use crate::ops::matmul::{gemm_cols, matmul, matmul_into, Cols};
 use crate::rng::Rng;
 use crate::{DType, Device, Tensor};
 
@@ -195,25 +195,37 @@ pub fn lora_group_backward_split(
     let r = split_rank(g, &plan, x)?;
     let m = plan.total / (3 * r);
     let n = x.elem_count() / plan.inp;
-    // Q = [s_p dy_p b3_p] per member's columns, and T_p = dy_p^T xa3_p per member.
-    let mut q = output(&gpu, &with_last(x, plan.total), DType::F32)?;
+    // Q = [s_p dy_p [B_hi | B_lo]] in member k's columns 2rk.., and T_p = dy_p^T [xa_hi |
+    // xa_lo] per member: the two blocks of each that hold different parts (lora_split.rs).
+    let mut q = output(&gpu, &with_last(x, 2 * r * m), DType::F32)?;
     let mut ts = Vec::with_capacity(m);
     let mut scales = Vec::with_capacity(m);
     for (i, mem) in g.members.iter().enumerate() {
         let Some(ad) = &mem.adapter else { continue };
-        let (c0, w, out) = (plan.offsets[i], plan.ranks[i], plan.outs[i]);
+        let (c0, out) = (plan.offsets[i], plan.outs[i]);
+        let k = c0 / (3 * r);
         let dy = Cols::all(dys[i]);
-        let mut t = output(&gpu, &[out, w], DType::F32)?;
-        let xa_p = Cols { t: xa, c0, cols: w };
-        gemm_cols(&gpu, dy, true, xa_p, false, &mut t, 0, 1.0, 0.0)?;
+        let mut t = output(&gpu, &[out, 2 * r], DType::F32)?;
+        gemm_cols(
+            &gpu,
+            dy,
+            true,
+            Cols::of(xa, c0, 2 * r),
+            false,
+            &mut t,
+            0,
+            1.0,
+            0.0,
+        )?;
+        let b_hi_lo = Cols::of(ad.b, r, 2 * r);
         gemm_cols(
             &gpu,
             dy,
             false,
-            Cols::all(ad.b),
+            b_hi_lo,
             false,
             &mut q,
-            c0,
+            2 * r * k,
             ad.scaling,
             0.0,
         )?;
@@ -224,9 +236,9 @@ pub fn lora_group_backward_split(
     let d3 = split3(
         &q,
         n * m,
-        3,
+        2,
         r,
-        &[0, 2],
+        &[0, 1],
         1.0,
         Parts3::HiHiLo,
         &with_last(x, plan.total),
@@ -242,6 +254,7 @@ pub fn lora_group_backward_split(
             src: t,
             src_offset: 0,
             rows: out,
+            blocks: 2,
             cols: r,
             sum: [0, 1],
             scale: s,
@@ -251,6 +264,7 @@ pub fn lora_group_backward_split(
             src: &ta,
             src_offset: 3 * r * k * plan.inp,
             rows: 1,
+            blocks: 3,
             cols: r * plan.inp,
             sum: [0, 2],
             scale: 1.0,

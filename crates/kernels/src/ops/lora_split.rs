@@ -14,7 +14,7 @@
 //! one bf16 GEMM with fp32 accumulation, exact to ~2^-16 relative (only `a_lo b_lo` is
 //! dropped). When one side is an exact bf16 tensor (x, dy), the split side's three blocks
 //! produce three partial products in the output, of which two are summed ([`split3`] with a
-//! `sum` mask, or [`fold3_into`] into an fp32 gradient).
+//! `sum` mask, or [`fold_into`] into an fp32 gradient).
 //!
 //! Layouts: a source is f32 `[rows, blocks, cols]`; a split is bf16 `[rows, 3, cols]` whose
 //! block `b` holds the part `parts[b]`. A `[r, in]` matrix split along its rows (`[3r, in]`)
@@ -31,7 +31,7 @@ use crate::rng::Rng;
 use crate::{launch, DType, Device, Tensor};
 
 use super::{common_gpu, expect_dtype};
-use crate::ops::matmul::{matmul, matmul_into};
+use crate::ops::matmul::{gemm_cols, matmul_into, Cols};
 
 pub const SOURCE: KernelSource = KernelSource {
     name: "lora_split",
@@ -146,12 +146,14 @@ pub fn split3(
 }
 
 /// `dst[rows, cols] += scale * (src[rows, i, cols] + src[rows, j, cols])`, f32, `src`
-/// viewed as `[rows, 3, cols]`: the two wanted partial products of a split GEMM folded into
-/// a gradient accumulator.
-pub fn fold3_into(
+/// viewed as `[rows, blocks, cols]`: the two wanted partial products of a split GEMM folded
+/// into a gradient accumulator.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_into(
     dst: &mut Tensor,
     src: &Tensor,
     rows: usize,
+    blocks: usize,
     cols: usize,
     sum: [usize; 2],
     scale: f32,
@@ -159,12 +161,12 @@ pub fn fold3_into(
     expect_dtype(OP, "dst", dst, &[DType::F32])?;
     expect_dtype(OP, "src", src, &[DType::F32])?;
     check_view("dst", dst, rows, 1, cols)?;
-    check_view("src", src, rows, 3, cols)?;
+    check_view("src", src, rows, blocks, cols)?;
     let [i, j] = sum;
-    if i >= 3 || j >= 3 {
+    if i >= blocks || j >= blocks {
         return Err(KernelError::invalid(
             OP,
-            format!("fold blocks {sum:?} must be in 0..3"),
+            format!("fold blocks {sum:?} must be in 0..{blocks}"),
         ));
     }
     match common_gpu(OP, &[("dst", dst), ("src", src)])? {
@@ -172,7 +174,7 @@ pub fn fold3_into(
             let s = src.cpu_f32().into_owned();
             let mut d = dst.cpu_f32().into_owned();
             par_rows(&mut d, cols, |row, o| {
-                let base = row * 3 * cols;
+                let base = row * blocks * cols;
                 for (col, e) in o.iter_mut().enumerate() {
                     *e += scale * (s[base + i * cols + col] + s[base + j * cols + col]);
                 }
@@ -184,14 +186,15 @@ pub fn fold3_into(
             let f = gpu.function(&SOURCE, "lora_fold3")?;
             let grid = (rows * cols).div_ceil(256).clamp(1, gpu.sm_count() * 16) as u32;
             launch!(gpu, f, (grid, 1, 1), (256, 1, 1), 0;
-                dst.dptr(), src.dptr(), rows as i64, cols as i32, i as i32, j as i32, scale)?;
+                dst.dptr(), src.dptr(), rows as i64, cols as i32, blocks as i32, i as i32,
+                j as i32, scale)?;
             Ok(())
         }
     }
 }
 
-/// [`fold3_into`]`(dst, t, rows, cols, [0, 1], fold_scale)` and
-/// [`split3`]`(q, n, 3, r, &[0, 2], split_scale, HiHiLo)` (returned, shaped `d3_shape`) in
+/// [`fold_into`]`(dst, t, rows, 2, cols, [0, 1], fold_scale)` and
+/// [`split3`]`(q, n, 2, r, &[0, 1], split_scale, HiHiLo)` (returned, shaped `d3_shape`) in
 /// one launch on the GPU: the backward's dB fold and dxa split, which are independent.
 #[allow(clippy::too_many_arguments)]
 pub fn fold_and_split(
@@ -207,13 +210,13 @@ pub fn fold_and_split(
     d3_shape: &[usize],
 ) -> Result<Tensor> {
     let Some(gpu) = common_gpu(OP, &[("dst", dst), ("t", t), ("q", q)])? else {
-        fold3_into(dst, t, rows, cols, [0, 1], fold_scale)?;
+        fold_into(dst, t, rows, 2, cols, [0, 1], fold_scale)?;
         return split3(
             q,
             split_rows,
-            3,
+            2,
             split_cols,
-            &[0, 2],
+            &[0, 1],
             split_scale,
             Parts3::HiHiLo,
             d3_shape,
@@ -223,8 +226,8 @@ pub fn fold_and_split(
     expect_dtype(OP, "t", t, &[DType::F32])?;
     expect_dtype(OP, "q", q, &[DType::F32])?;
     check_view("dst", dst, rows, 1, cols)?;
-    check_view("t", t, rows, 3, cols)?;
-    check_view("q", q, split_rows, 3, split_cols)?;
+    check_view("t", t, rows, 2, cols)?;
+    check_view("q", q, split_rows, 2, split_cols)?;
     if d3_shape.iter().product::<usize>() != split_rows * 3 * split_cols {
         return Err(KernelError::shape(
             OP,
@@ -303,7 +306,7 @@ struct FoldEntry {
     i: i32,
     j: i32,
     scale: f32,
-    pad: i32,
+    blocks: i32,
 }
 
 /// A kernel's by-value table of `MULTI_CAP` entries.
@@ -384,32 +387,35 @@ pub fn split3_multi(jobs: &[SplitJob], dsts: &mut [&mut Tensor]) -> Result<()> {
 }
 
 /// One fold of [`fold3_multi`]: `dst[rows, cols] += scale * (src[rows, i, cols] +
-/// src[rows, j, cols])`, `src` read from element `src_offset` on.
+/// src[rows, j, cols])`, `src` viewed as `[rows, blocks, cols]` from element `src_offset` on.
 pub struct FoldJob<'a> {
     pub dst: &'a mut Tensor,
     pub src: &'a Tensor,
     pub src_offset: usize,
     pub rows: usize,
+    pub blocks: usize,
     pub cols: usize,
     pub sum: [usize; 2],
     pub scale: f32,
 }
 
-/// [`fold3_into`] of many gradients in one launch per 64 (a group's dA and dB folds).
+/// [`fold_into`] of many gradients in one launch per 64 (a group's dA and dB folds).
 pub fn fold3_multi(jobs: &mut [FoldJob]) -> Result<()> {
     let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
     for j in jobs.iter() {
         expect_dtype(OP, "dst", j.dst, &[DType::F32])?;
         expect_dtype(OP, "src", j.src, &[DType::F32])?;
         check_view("dst", j.dst, j.rows, 1, j.cols)?;
-        if j.src_offset + j.rows * 3 * j.cols > j.src.elem_count() || j.sum.iter().any(|&b| b >= 3)
+        if j.src_offset + j.rows * j.blocks * j.cols > j.src.elem_count()
+            || j.sum.iter().any(|&b| b >= j.blocks)
         {
             return Err(KernelError::shape(
                 OP,
                 format!(
-                    "fold of blocks {:?} of [{}, 3, {}] at element {} of src {:?}",
+                    "fold of blocks {:?} of [{}, {}, {}] at element {} of src {:?}",
                     j.sum,
                     j.rows,
+                    j.blocks,
                     j.cols,
                     j.src_offset,
                     j.src.shape()
@@ -423,11 +429,11 @@ pub fn fold3_multi(jobs: &mut [FoldJob]) -> Result<()> {
         for j in jobs.iter_mut() {
             let [i, k] = j.sum;
             let s = j.src.cpu_f32();
-            let s = &s[j.src_offset..j.src_offset + j.rows * 3 * j.cols];
+            let s = &s[j.src_offset..j.src_offset + j.rows * j.blocks * j.cols];
             let mut d = j.dst.cpu_f32().into_owned();
-            let cols = j.cols;
+            let (cols, blocks) = (j.cols, j.blocks);
             par_rows(&mut d, cols, |row, o| {
-                let base = row * 3 * cols;
+                let base = row * blocks * cols;
                 for (col, e) in o.iter_mut().enumerate() {
                     *e += j.scale * (s[base + i * cols + col] + s[base + k * cols + col]);
                 }
@@ -454,7 +460,7 @@ pub fn fold3_multi(jobs: &mut [FoldJob]) -> Result<()> {
                 i: j.sum[0] as i32,
                 j: j.sum[1] as i32,
                 scale: j.scale,
-                pad: 0,
+                blocks: j.blocks as i32,
             };
             most = most.max(j.rows * j.cols);
         }
@@ -567,17 +573,35 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
     s
 }
 
+/// `op(a) op(b)` of two blocks as a new f32 tensor `[m, n]` on their device.
+fn block_product(a: Cols, ta: bool, b: Cols, tb: bool) -> Result<Tensor> {
+    let m = if ta { a.cols } else { a.rows };
+    let n = if tb { b.rows } else { b.cols };
+    let gpu = common_gpu(OP, &[("a", a.t), ("b", b.t)])?;
+    let mut c = match &gpu {
+        Some(g) => Tensor::uninit_cuda(g, &[m, n], DType::F32)?,
+        None => Tensor::zeros(&[m, n], DType::F32, &Device::Cpu)?,
+    };
+    gemm_cols(&gpu, a, ta, b, tb, &mut c, 0, 1.0, 0.0)?;
+    Ok(c)
+}
+
+// Every product below multiplies an exact bf16 tensor (x or dy) by two of a split's three
+// blocks, the two that hold different parts; the layouts put those two next to each other:
+// rows [0, 2r) of a3 = [A_hi; A_lo], columns [0, 2r) of xa3 = [hi | lo], columns [r, 3r) of
+// b3 = [B_hi | B_lo] and of d3 = [hi | lo]. Only the rank-r updates use all three blocks.
+
 /// `x A^T` `[.., r]` as the split `[xa_hi | xa_lo | xa_hi]` `[.., 3r]` (bf16): the forward's
-/// saved activation. One GEMM `x a3^T` gives `[x A_hi | x A_lo | x A_hi]` in f32; the first
-/// two blocks sum to `x A` to ~2^-16, which is then split.
+/// saved activation. One GEMM `x [A_hi; A_lo]^T` gives `[x A_hi | x A_lo]` in f32, whose sum
+/// is `x A` to ~2^-16, which is then split.
 pub fn split_xa(x: &Tensor, sp: &LoraSplit) -> Result<Tensor> {
     let r = sp.rank();
-    let p = matmul(x, false, &sp.a3, true, DType::F32)?;
-    let n = p.elem_count() / (3 * r);
+    let p = block_product(Cols::all(x), false, Cols::rows(&sp.a3, 0, 2 * r), true)?;
+    let n = p.elem_count() / (2 * r);
     split3(
         &p,
         n,
-        3,
+        2,
         r,
         &[0, 1],
         1.0,
@@ -598,17 +622,23 @@ pub fn split_update_into(
     matmul_into(xa3, false, &sp.b3, true, y, alpha, beta)
 }
 
+/// `dy [B_hi | B_lo]` `[n, 2r]` f32: its two blocks sum to `dy B`.
+fn dy_b(dy: &Tensor, sp: &LoraSplit) -> Result<Tensor> {
+    let r = sp.rank();
+    block_product(Cols::all(dy), false, Cols::of(&sp.b3, r, 2 * r), false)
+}
+
 /// `scale dy B` `[.., r]` as the split `[hi | hi | lo]` `[.., 3r]` (bf16), for dA and dx.
 pub fn split_dxa(dy: &Tensor, sp: &LoraSplit, scale: f32) -> Result<Tensor> {
     let r = sp.rank();
-    let q = matmul(dy, false, &sp.b3, false, DType::F32)?;
-    let n = q.elem_count() / (3 * r);
+    let q = dy_b(dy, sp)?;
+    let n = q.elem_count() / (2 * r);
     split3(
         &q,
         n,
-        3,
+        2,
         r,
-        &[0, 2],
+        &[0, 1],
         scale,
         Parts3::HiHiLo,
         &with_last(dy.shape(), 3 * r),
@@ -629,11 +659,10 @@ pub fn split_adapter_grads(
 ) -> Result<Tensor> {
     let r = sp.rank();
     let out = db.shape()[0];
-    // dy^T xa3 = [dy^T hi | dy^T lo | dy^T hi]: the first two blocks are dy^T xa.
-    let t = matmul(dy, true, xa3, false, DType::F32)?;
-    // dy B3 = [dy B_hi | dy B_hi | dy B_lo]: blocks 0 and 2 are dy B (see split_dxa).
-    let q = matmul(dy, false, &sp.b3, false, DType::F32)?;
-    let n = q.elem_count() / (3 * r);
+    // dy^T [xa_hi | xa_lo]: its two blocks sum to dy^T xa.
+    let t = block_product(Cols::all(dy), true, Cols::of(xa3, 0, 2 * r), false)?;
+    let q = dy_b(dy, sp)?;
+    let n = q.elem_count() / (2 * r);
     let d3 = fold_and_split(
         db,
         &t,
@@ -647,9 +676,9 @@ pub fn split_adapter_grads(
         &with_last(dy.shape(), 3 * r),
     )?;
     drop((t, q));
-    // d3^T x = [hi^T x; hi^T x; lo^T x] (row blocks of r x in): blocks 0 and 2 are dxa^T x.
-    let t = matmul(&d3, true, x, false, DType::F32)?;
-    fold3_into(da, &t, 1, r * sp.in_features(), [0, 2], 1.0)?;
+    // [hi | lo]^T x (row blocks of r x in): their sum is dxa^T x.
+    let t = block_product(Cols::of(&d3, r, 2 * r), true, Cols::all(x), false)?;
+    fold_into(da, &t, 1, 2, r * sp.in_features(), [0, 1], 1.0)?;
     Ok(d3)
 }
 
@@ -701,22 +730,24 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         )?;
         lines.push(compare_with_tol(OP, &case, "split", &got, &want, exact)?);
     }
-    for (rows, cols, sum, scale) in [
-        (14336usize, 16usize, [0usize, 1usize], 0.5f32),
-        (1, 16 * 4093, [0, 2], 1.0),
+    for (rows, blocks, cols, sum, scale) in [
+        (14336usize, 2usize, 16usize, [0usize, 1usize], 0.5f32),
+        (1, 2, 16 * 4093, [0, 1], 1.0),
+        (1, 3, 16 * 4093, [0, 2], 1.0),
     ] {
-        let src = Tensor::from_f32(&[rows, 3 * cols], rng.normal_vec(rows * 3 * cols, 1.0))?;
+        let n = rows * blocks * cols;
+        let src = Tensor::from_f32(&[rows, blocks * cols], rng.normal_vec(n, 1.0))?;
         let dst = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0))?;
         let (mut want, mut got) = (dst.to_cpu()?, to_gpu(&dst)?);
-        fold3_into(&mut want, &src, rows, cols, sum, scale)?;
-        fold3_into(&mut got, &to_gpu(&src)?, rows, cols, sum, scale)?;
-        let case = format!("[{rows}, 3, {cols}] {sum:?} x{scale}");
+        fold_into(&mut want, &src, rows, blocks, cols, sum, scale)?;
+        fold_into(&mut got, &to_gpu(&src)?, rows, blocks, cols, sum, scale)?;
+        let case = format!("[{rows}, {blocks}, {cols}] {sum:?} x{scale}");
         lines.push(compare_with_tol(OP, &case, "fold", &got, &want, exact)?);
     }
     {
         let (rows, cols, n, r) = (14336usize, 16usize, 3001usize, 16usize);
-        let t = Tensor::from_f32(&[rows, 3 * cols], rng.normal_vec(rows * 3 * cols, 1.0))?;
-        let q = Tensor::from_f32(&[n, 3 * r], rng.normal_vec(n * 3 * r, 1.0))?;
+        let t = Tensor::from_f32(&[rows, 2 * cols], rng.normal_vec(rows * 2 * cols, 1.0))?;
+        let q = Tensor::from_f32(&[n, 2 * r], rng.normal_vec(n * 2 * r, 1.0))?;
         let dst = Tensor::from_f32(&[rows, cols], rng.normal_vec(rows * cols, 1.0))?;
         let (mut want, mut got) = (dst.to_cpu()?, to_gpu(&dst)?);
         let d3_want = fold_and_split(&mut want, &t, rows, cols, 0.5, &q, n, r, 2.0, &[n, 3 * r])?;
@@ -732,7 +763,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             2.0,
             &[n, 3 * r],
         )?;
-        let case = format!("fold [{rows}, 3, {cols}] + split [{n}, 3, {r}]");
+        let case = format!("fold [{rows}, 2, {cols}] + split [{n}, 2, {r}]");
         lines.push(compare_with_tol(OP, &case, "fold", &got, &want, exact)?);
         lines.push(compare_with_tol(
             OP, &case, "split", &d3_got, &d3_want, exact,
@@ -813,6 +844,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
                 src,
                 src_offset: 3 * r * inp,
                 rows: 1,
+                blocks: 3,
                 cols: r * inp,
                 sum: [0, 2],
                 scale: 1.0,
@@ -822,6 +854,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
                 src: tb,
                 src_offset: 0,
                 rows: out,
+                blocks: 3,
                 cols: r,
                 sum: [0, 1],
                 scale: 0.5,
@@ -962,14 +995,15 @@ mod tests {
     }
 
     #[test]
-    fn fold3_adds_two_blocks_into_the_accumulator() {
+    fn fold_adds_two_blocks_into_the_accumulator() {
         let (rows, cols) = (4, 6);
         let src: Vec<f32> = (0..rows * 3 * cols).map(|i| i as f32).collect();
         let mut dst = Tensor::from_f32(&[rows, cols], vec![1.0; rows * cols]).unwrap();
-        fold3_into(
+        fold_into(
             &mut dst,
             &Tensor::from_f32(&[rows * 3 * cols], src.clone()).unwrap(),
             rows,
+            3,
             cols,
             [0, 1],
             2.0,
@@ -1037,13 +1071,14 @@ mod tests {
         let start = Tensor::from_f32(&[4, 3], rng.normal_vec(12, 1.0)).unwrap();
         let tail = Tensor::from_f32(&[36], f32s(&src)[36..].to_vec()).unwrap();
         let mut want = start.to_cpu().unwrap();
-        fold3_into(&mut want, &tail, 4, 3, [0, 2], 0.5).unwrap();
+        fold_into(&mut want, &tail, 4, 3, 3, [0, 2], 0.5).unwrap();
         let mut got = start.to_cpu().unwrap();
         fold3_multi(&mut [FoldJob {
             dst: &mut got,
             src: &src,
             src_offset: 36,
             rows: 4,
+            blocks: 3,
             cols: 3,
             sum: [0, 2],
             scale: 0.5,
@@ -1055,6 +1090,7 @@ mod tests {
             src: &src,
             src_offset: 40,
             rows: 4,
+            blocks: 3,
             cols: 3,
             sum: [0, 2],
             scale: 0.5,
@@ -1145,7 +1181,7 @@ mod tests {
             split3(&t, 4, 3, 3, &[0], 1.0, Parts3::HiLoHi, &[4, 9]).unwrap_err(),
             split3(&t, 4, 3, 2, &[3], 1.0, Parts3::HiLoHi, &[4, 6]).unwrap_err(),
             split3(&t, 4, 3, 2, &[0], 1.0, Parts3::HiLoHi, &[4, 7]).unwrap_err(),
-            fold3_into(&mut t.to_cpu().unwrap(), &t, 4, 2, [0, 3], 1.0).unwrap_err(),
+            fold_into(&mut t.to_cpu().unwrap(), &t, 4, 3, 2, [0, 3], 1.0).unwrap_err(),
         ] {
             assert!(e.to_string().contains(OP), "{e}");
         }

@@ -117,6 +117,147 @@ fn gpu_gemm(
     })
 }
 
+/// Rows `[r0, r0 + rows)` and columns `[c0, c0 + cols)` of a tensor seen as 2-D
+/// `[rows, ld]` (leading dims folded): a GEMM operand through its leading dimension and a
+/// pointer offset, nothing copied.
+#[derive(Clone, Copy)]
+pub(crate) struct Cols<'t> {
+    pub t: &'t Tensor,
+    pub r0: usize,
+    pub rows: usize,
+    pub c0: usize,
+    pub cols: usize,
+}
+
+impl<'t> Cols<'t> {
+    pub fn all(t: &'t Tensor) -> Cols<'t> {
+        let (rows, cols) = t.rows_cols();
+        Cols {
+            t,
+            r0: 0,
+            rows,
+            c0: 0,
+            cols,
+        }
+    }
+
+    /// Columns `[c0, c0 + cols)`, every row.
+    pub fn of(t: &'t Tensor, c0: usize, cols: usize) -> Cols<'t> {
+        Cols {
+            c0,
+            cols,
+            ..Cols::all(t)
+        }
+    }
+
+    /// Rows `[r0, r0 + rows)`, every column.
+    pub fn rows(t: &'t Tensor, r0: usize, rows: usize) -> Cols<'t> {
+        Cols {
+            r0,
+            rows,
+            ..Cols::all(t)
+        }
+    }
+
+    /// (rows, cols) of op(block).
+    fn op_dims(&self, trans: bool) -> (usize, usize) {
+        if trans {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    fn fits(&self) -> bool {
+        let (rows, ld) = self.t.rows_cols();
+        self.r0 + self.rows <= rows && self.c0 + self.cols <= ld
+    }
+
+    fn operand(&self, trans: bool) -> Operand {
+        let ld = self.t.rows_cols().1;
+        Operand {
+            ptr: self.t.dptr() + ((self.r0 * ld + self.c0) * self.t.dtype().size_in_bytes()) as u64,
+            dtype: self.t.dtype(),
+            ld,
+            trans,
+            batch_stride: 0,
+        }
+    }
+
+    /// The block's values, row-major `[rows, cols]` (CPU).
+    fn values(&self) -> Vec<f32> {
+        let (rows, ld) = self.t.rows_cols();
+        let all = self.t.cpu_f32();
+        if self.c0 == 0 && self.cols == ld && self.r0 == 0 && self.rows == rows {
+            return all.into_owned();
+        }
+        all.chunks(ld)
+            .skip(self.r0)
+            .take(self.rows)
+            .flat_map(|row| row[self.c0..self.c0 + self.cols].iter().copied())
+            .collect()
+    }
+}
+
+/// `C[:, c0 .. c0 + n] = alpha op(A) op(B) + beta C[:, c0 .. c0 + n]` on blocks: cuBLAS
+/// with offset pointers on the GPU; on the CPU the CPU GEMM with the same rounding as
+/// [`matmul_into`] (C's other columns untouched).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_cols(
+    gpu: &Option<Arc<Gpu>>,
+    a: Cols,
+    ta: bool,
+    b: Cols,
+    tb: bool,
+    c: &mut Tensor,
+    c0: usize,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    const OP: &str = "matmul";
+    let (m, k) = a.op_dims(ta);
+    let (k2, n) = b.op_dims(tb);
+    let (cm, cn) = c.rows_cols();
+    if k != k2 || cm != m || c0 + n > cn || !a.fits() || !b.fits() {
+        return Err(KernelError::shape(
+            OP,
+            format!(
+                "block product [{m}, {k}] x [{k2}, {n}] of {:?} and {:?} into columns {c0}.. of {:?}",
+                a.t.shape(),
+                b.t.shape(),
+                c.shape()
+            ),
+        ));
+    }
+    match gpu {
+        Some(gpu) => {
+            let cop = Cols::of(c, c0, n).operand(false);
+            gpu.gemm(&GemmSpec {
+                m,
+                n,
+                k,
+                a: a.operand(ta),
+                b: b.operand(tb),
+                c: cop,
+                alpha,
+                beta,
+                batch: 1,
+            })
+        }
+        None => {
+            let p = cpu_matmul(&a.values(), ta, &b.values(), tb, m, n, k);
+            let mut vals = c.cpu_f32().into_owned();
+            for (row, prow) in vals.chunks_mut(cn).zip(p.chunks(n.max(1))) {
+                for (o, &pv) in row[c0..c0 + n].iter_mut().zip(prow) {
+                    *o = alpha * pv + if beta == 0.0 { 0.0 } else { beta * *o };
+                }
+            }
+            c.cpu_store_f32(&vals);
+            Ok(())
+        }
+    }
+}
+
 /// Row-major `[m, n]` product in f32. Both operands are first laid out with `k` contiguous
 /// (`A` as `[m, k]`, `B` as `[n, k]`), so the inner loop is a contiguous dot product that the
 /// compiler vectorises; rows of C are spread over threads.
