@@ -20,16 +20,18 @@ import gzip
 import io
 import re
 
-# cuBLAS (nvjet) kernels with the large 256x128 / 320x128 tiles and no beta are the frozen
-# base projections and the LM head (480 per step at 32 layers: 7 forward + 7 input-gradient
-# GEMMs per layer, plus the loss chunks); every other GEMM in the step is a rank-r LoRA
-# product (x A^T, its gradients, and the rank-r updates of the outputs, "badd").
-BASE_GEMM = re.compile(r"^nvjet_sm90_tst_(256x128|320x128)_.*_bz_")
+# cuBLAS (nvjet) kernels with the large 256x128 / 320x128 tiles are the frozen base
+# projections and the LM head (7 forward + 7 input-gradient GEMMs per layer, plus the loss
+# chunks), written fresh ("bz") or, since the rank-r update of a wide output is written
+# first, accumulated onto it ("badd"); every other GEMM in the step is a rank-r LoRA
+# product (x A^T, its gradients, and the rank-r updates of the outputs).
+BASE_GEMM = re.compile(r"^nvjet_sm90_tst_(256x128|320x128)_")
 PHASES = [
     ("GEMMs: frozen base projections + LM head", lambda n: bool(BASE_GEMM.match(n))),
     ("GEMMs: LoRA (rank-16 products, split-K reduces)",
      lambda n: n.startswith("nvjet") or "splitKreduce" in n or "gemm" in n.lower()),
     ("LoRA A/B casts f32 -> bf16", lambda n: n.startswith("cast_")),
+    ("LoRA hi/lo splits and folds (fp32-accurate adapter path)", lambda n: n.startswith("lora_")),
     ("attention (forward, backward, delta, dq convert)", lambda n: n.startswith("attn_")),
     ("SwiGLU", lambda n: n.startswith("gated_")),
     ("RMSNorm", lambda n: n.startswith("rms_norm")),

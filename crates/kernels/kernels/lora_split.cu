@@ -86,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(256) lora_fold_split(
 #define LORA_MULTI_CAP 64
 
 // Many single-block splits in one launch (every adapter's A and B once per layer). One table
-// entry per chunk of a tensor's elements.
+// entry per tensor (`start` is its first element, 0 for a whole tensor).
 struct SplitJob {
     const float* src;
     bf16* dst;
