@@ -185,6 +185,14 @@ pub struct LoraState {
 /// The LoRA tensors of one layer's seven projections, in [`Projection::ALL`] order.
 pub type LayerLora = [Option<LoraTensors>; 7];
 
+/// The adapters of `group`'s projections in `layer`, in projection order.
+fn adapted<'l>(layer: &'l LayerLora, group: &[Projection]) -> Vec<&'l LoraTensors> {
+    group
+        .iter()
+        .filter_map(|&p| layer[p as usize].as_ref())
+        .collect()
+}
+
 /// One layer's adapters as hi/lo splits (see [`LoraPrecision::Fp32`]), made just before the
 /// layer runs and dropped after: one layer's worth of memory at a time.
 #[derive(Default)]
@@ -206,10 +214,7 @@ pub fn layer_splits(layer: &LayerLora, grouped: bool) -> Result<LayerSplits> {
     let mut group_pairs: [Vec<(&Tensor, &Tensor)>; 2] = Default::default();
     if grouped {
         for (gi, group) in SHARED_INPUT_GROUPS.iter().enumerate() {
-            let members: Vec<&LoraTensors> = group
-                .iter()
-                .filter_map(|&p| layer[p as usize].as_ref())
-                .collect();
+            let members = adapted(layer, group);
             let Some(first) = members.first() else {
                 continue;
             };
@@ -396,10 +401,7 @@ impl LoraState {
             let mut in_group = [false; 7];
             if grouped {
                 for group in SHARED_INPUT_GROUPS {
-                    let members: Vec<&LoraTensors> = group
-                        .iter()
-                        .filter_map(|&p| layer[p as usize].as_ref())
-                        .collect();
+                    let members = adapted(layer, group);
                     let Some(first) = members.first() else {
                         continue;
                     };
