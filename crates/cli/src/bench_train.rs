@@ -504,6 +504,14 @@ fn run(
     out["peak_gib"] = json!(peak.map(|b| b as f64 / (1u64 << 30) as f64));
     out["losses"] = json!(losses);
     out["step_ms"] = json!(step_ms);
+    if let Some(g) = &gpu {
+        // The GEMM library (TIGON_GEMM); with cuBLASLt, how many GEMM problems it planned
+        // and how many it left to cublasGemmEx.
+        out["gemm"] = json!(g.gemm_mode().name());
+        if g.gemm_mode() != tigon_kernels::cuda::gemm_lt::GemmMode::Cublas {
+            out["gemm_lt_plans"] = json!(g.lt_plan_counts());
+        }
+    }
     if offload.is_on() {
         out["offload"] = json!({
             "embedding": offload.embedding,

@@ -102,6 +102,13 @@ impl Gpu {
                 format!("dimensions exceed cuBLAS's 32-bit limit: {s:?}"),
             ));
         }
+        let mode = self.gemm_mode();
+        if s.batch <= 1
+            && mode != super::gemm_lt::GemmMode::Cublas
+            && self.lt()?.gemm(self, s, mode)?
+        {
+            return Ok(());
+        }
         let (alpha, beta) = (s.alpha, s.beta);
         let h = self.blas().handle;
         let status = unsafe {

@@ -9,6 +9,7 @@
 //! the CPU path and gets [`KernelError::NoGpu`] when it asks for a GPU.
 
 pub mod gemm;
+pub mod gemm_lt;
 pub mod libs;
 pub mod nvrtc;
 pub mod timing;
@@ -16,8 +17,8 @@ pub mod transfer;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as drv, sys, CudaContext, CudaStream};
 
@@ -66,6 +67,10 @@ pub struct Gpu {
     live_bytes: AtomicUsize,
     peak_bytes: AtomicUsize,
     poison: AtomicBool,
+    /// [`gemm_lt::GemmMode`] as its code: which library runs the GEMMs.
+    gemm_mode: AtomicU8,
+    /// cuBLASLt, made at the first GEMM that asks for it (or why it could not be).
+    lt: OnceLock<std::result::Result<gemm_lt::Lt, String>>,
 }
 
 // SAFETY: the raw handles (modules, functions, the cuBLAS handle) are only used on this
@@ -126,6 +131,8 @@ impl Gpu {
             live_bytes: AtomicUsize::new(0),
             peak_bytes: AtomicUsize::new(0),
             poison: AtomicBool::new(false),
+            gemm_mode: AtomicU8::new(gemm_lt::GemmMode::from_env().code()),
+            lt: OnceLock::new(),
         }))
     }
 
@@ -150,6 +157,36 @@ impl Gpu {
     }
     pub(crate) fn blas(&self) -> &gemm::Blas {
         &self.blas
+    }
+
+    /// Which library runs this GPU's GEMMs (`TIGON_GEMM` at start, see [`gemm_lt`]).
+    pub fn gemm_mode(&self) -> gemm_lt::GemmMode {
+        gemm_lt::GemmMode::from_code(self.gemm_mode.load(Ordering::Relaxed))
+    }
+
+    /// Switch the GEMM library (benchmarks and checks compare them in one process).
+    pub fn set_gemm_mode(&self, mode: gemm_lt::GemmMode) {
+        self.gemm_mode.store(mode.code(), Ordering::Relaxed);
+    }
+
+    /// cuBLASLt, made on first use.
+    pub(crate) fn lt(&self) -> Result<&gemm_lt::Lt> {
+        self.bind()?;
+        self.lt
+            .get_or_init(|| gemm_lt::Lt::new().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| KernelError::Cublas {
+                call: "cublasLtCreate",
+                detail: e.clone(),
+            })
+    }
+
+    /// GEMM problems with a cuBLASLt plan, and those cuBLASLt left to cublasGemmEx.
+    pub fn lt_plan_counts(&self) -> (usize, usize) {
+        match self.lt.get() {
+            Some(Ok(lt)) => lt.plan_counts(),
+            _ => (0, 0),
+        }
     }
 
     fn bind(&self) -> Result<()> {

@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
-use crate::check::{compare, random_pair, CheckLine, GpuCheck};
+use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
+use crate::check::{compare, random_pair, random_pair_par, CheckLine, GpuCheck};
 use crate::cpu::par_rows;
 use crate::cuda::gemm::{GemmSpec, Operand};
+use crate::cuda::gemm_lt::GemmMode;
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::rng::Rng;
@@ -323,6 +325,22 @@ pub const CHECK: GpuCheck = GpuCheck {
 };
 
 fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    // Every GEMM library the GPU can run (cublasGemmEx, cuBLASLt's first choice, cuBLASLt
+    // tuned), each against the CPU reference; the GPU's own mode is restored after.
+    let before = gpu.gemm_mode();
+    let mut lines = Vec::new();
+    let result = (|| {
+        for mode in [GemmMode::Cublas, GemmMode::Lt, GemmMode::LtTuned] {
+            gpu.set_gemm_mode(mode);
+            lines.extend(check_mode(gpu, rng, mode.name())?);
+        }
+        Ok(())
+    })();
+    gpu.set_gemm_mode(before);
+    result.map(|_| lines)
+}
+
+fn check_mode(gpu: &Arc<Gpu>, rng: &mut Rng, mode: &str) -> Result<Vec<CheckLine>> {
     let mut lines = Vec::new();
     // Odd sizes, every transpose combination, both dtypes, and an accumulating product.
     for (dt, (m, n, k)) in [(DType::BF16, (131, 77, 259)), (DType::F32, (64, 129, 97))] {
@@ -334,7 +352,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
             let (mut c, mut gc) = random_pair(gpu, rng, &[m, n], DType::F32, 1.0)?;
             matmul_into(&a, ta, &b, tb, &mut c, 0.5, 1.0)?;
             matmul_into(&ga, ta, &gb, tb, &mut gc, 0.5, 1.0)?;
-            let case = format!("{dt} {m}x{n}x{k} ta={ta} tb={tb} beta=1");
+            let case = format!("{mode} {dt} {m}x{n}x{k} ta={ta} tb={tb} beta=1");
             lines.push(compare("matmul", &case, "c", &gc, &c)?);
         }
         let (a, ga) = random_pair(gpu, rng, &[m, k], dt, 1.0)?;
@@ -343,13 +361,100 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         let gc = matmul(&ga, false, &gb, true, dt)?;
         lines.push(compare(
             "matmul",
-            &format!("{dt} {m}x{n}x{k} out={dt}"),
+            &format!("{mode} {dt} {m}x{n}x{k} out={dt}"),
             "c",
             &gc,
             &c,
         )?);
     }
+    // Blocks at odd column offsets (operands aligned to 2 bytes only), written into the
+    // middle columns of a wider output: the grouped LoRA ops' products.
+    let (m, n, k) = (96, 40, 72);
+    let (a, ga) = random_pair(gpu, rng, &[m, k + 3], DType::BF16, 1.0)?;
+    let (b, gb) = random_pair(gpu, rng, &[n + 5, k], DType::BF16, 1.0)?;
+    let (mut c, mut gc) = random_pair(gpu, rng, &[m, n + 7], DType::F32, 1.0)?;
+    let cpu = None;
+    let dev = Some(gpu.clone());
+    gemm_cols(
+        &cpu,
+        Cols::of(&a, 3, k),
+        false,
+        Cols::rows(&b, 5, n),
+        true,
+        &mut c,
+        7,
+        1.0,
+        1.0,
+    )?;
+    gemm_cols(
+        &dev,
+        Cols::of(&ga, 3, k),
+        false,
+        Cols::rows(&gb, 5, n),
+        true,
+        &mut gc,
+        7,
+        1.0,
+        1.0,
+    )?;
+    let case = format!("{mode} bf16 blocks {m}x{n}x{k} at odd offsets, beta=1");
+    lines.push(compare("matmul", &case, "c", &gc, &c)?);
     Ok(lines)
+}
+
+pub const BENCH: KernelBench = KernelBench {
+    op: "gemm",
+    run: bench,
+};
+
+/// The frozen GEMMs of a Llama-3-8B step (4096 tokens: each projection's forward `x W^T` and
+/// input gradient `dy W`) and fused linear cross-entropy's two GEMMs at a 1024-token chunk,
+/// through cublasGemmEx, cuBLASLt's first heuristic choice and cuBLASLt tuned (the fastest
+/// of its first eight, timed at first use): which library a step's GEMMs should use.
+fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    let before = gpu.gemm_mode();
+    let mut rows = Vec::new();
+    let result = (|| {
+        let t = 4096;
+        // (name, rows, out, in, transposed weight): forward y = x W^T, backward dx = dy W.
+        let shapes: [(&str, usize, usize, usize, bool); 10] = [
+            ("q/o fwd", t, 4096, 4096, true),
+            ("k/v fwd", t, 1024, 4096, true),
+            ("gate/up fwd", t, 14336, 4096, true),
+            ("down fwd", t, 4096, 14336, true),
+            ("q/o dx", t, 4096, 4096, false),
+            ("k/v dx", t, 4096, 1024, false),
+            ("gate/up dx", t, 4096, 14336, false),
+            ("down dx", t, 14336, 4096, false),
+            ("lm_head logits c1024", 1024, 128256, 4096, true),
+            ("lm_head dh c1024", 1024, 4096, 128256, false),
+        ];
+        let mut rng = Rng::new(5);
+        for (name, m, n, k, tb) in shapes {
+            let x = random_pair_par(gpu, &mut rng, &[m, k], DType::BF16, 1.0)?.1;
+            let w = if tb { [n, k] } else { [k, n] };
+            let w = random_pair_par(gpu, &mut rng, &w, DType::BF16, 0.02)?.1;
+            let mut y = Tensor::uninit_cuda(gpu, &[m, n], DType::BF16)?;
+            let flops = 2.0 * (m * n * k) as f64;
+            let shape = format!("{m}x{n}x{k} bf16 ({name})");
+            for mode in [GemmMode::Cublas, GemmMode::Lt, GemmMode::LtTuned] {
+                gpu.set_gemm_mode(mode);
+                rows.push(measure(
+                    gpu,
+                    cfg,
+                    "gemm",
+                    mode.name(),
+                    &shape,
+                    0.0,
+                    flops,
+                    || matmul_into(&x, false, &w, tb, &mut y, 1.0, 0.0),
+                )?);
+            }
+        }
+        Ok(())
+    })();
+    gpu.set_gemm_mode(before);
+    result.map(|_| rows)
 }
 
 #[cfg(test)]

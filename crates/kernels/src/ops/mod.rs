@@ -70,6 +70,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
 /// The kernel benchmarks, in the order `tigon bench kernels` runs them.
 pub fn all_benches() -> Vec<KernelBench> {
     vec![
+        matmul::BENCH,
         rms_norm::BENCH,
         activation_mul::BENCH,
         layer_norm::BENCH,
