@@ -56,7 +56,13 @@ pub struct FlceOut {
 /// rounded down to a multiple of 128 when that many fit (GEMM tiles): 256 at vocab 128256
 /// in bf16.
 pub fn default_chunk_tokens(vocab: usize, dtype: DType) -> usize {
-    let t = (DEFAULT_CHUNK_BYTES / (vocab * dtype.size_in_bytes()).max(1)).max(1);
+    chunk_tokens_within(DEFAULT_CHUNK_BYTES, vocab, dtype)
+}
+
+/// Tokens per chunk such that a chunk of logits takes at most `bytes`, rounded down to a
+/// multiple of 128 when that many fit (GEMM tiles), at least 1.
+pub fn chunk_tokens_within(bytes: usize, vocab: usize, dtype: DType) -> usize {
+    let t = (bytes / (vocab * dtype.size_in_bytes()).max(1)).max(1);
     if t >= 128 {
         t / 128 * 128
     } else {
@@ -799,6 +805,8 @@ mod tests {
     #[test]
     fn default_chunk_is_256_tokens_at_llama3_vocab() {
         assert_eq!(default_chunk_tokens(128256, DType::BF16), 256);
+        assert_eq!(chunk_tokens_within(256 << 20, 128256, DType::BF16), 1024);
+        assert_eq!(chunk_tokens_within(100, 128256, DType::BF16), 1);
         assert_eq!(default_chunk_tokens(128256, DType::F32), 128);
         assert_eq!(default_chunk_tokens(1 << 30, DType::F32), 1);
         assert!(default_chunk_tokens(151936, DType::BF16) * 151936 * 2 <= DEFAULT_CHUNK_BYTES);
