@@ -621,11 +621,12 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let two = 4.0 * (n * hid * v) as f64;
     let three = 6.0 * (n * hid * v) as f64;
     let mut rows = Vec::new();
-    // The default (256-token chunks: Liger's memory), larger chunks (memory for speed),
-    // and with dW.
+    // The default (256-token chunks: Liger's memory), larger chunks (memory for speed; 768
+    // tokens is the most whose logits and dh fit 256 MiB), and with dW.
     for (variant, chunk, with_dw) in [
         ("fused", None, false),
         ("c512", Some(512), false),
+        ("c768", Some(768), false),
         ("c1024", Some(1024), false),
         ("fused+dW", None, true),
         ("c1024+dW", Some(1024), true),

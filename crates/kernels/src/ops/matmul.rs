@@ -430,7 +430,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let result = (|| {
         let t = 4096;
         // (name, rows, out, in, transposed weight): forward y = x W^T, backward dx = dy W.
-        let shapes: [(&str, usize, usize, usize, bool); 10] = [
+        let shapes: [(&str, usize, usize, usize, bool); 12] = [
             ("q/o fwd", t, 4096, 4096, true),
             ("k/v fwd", t, 1024, 4096, true),
             ("gate/up fwd", t, 14336, 4096, true),
@@ -439,6 +439,8 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             ("k/v dx", t, 4096, 1024, false),
             ("gate/up dx", t, 4096, 14336, false),
             ("down dx", t, 14336, 4096, false),
+            ("lm_head logits c768", 768, 128256, 4096, true),
+            ("lm_head dh c768", 768, 4096, 128256, false),
             ("lm_head logits c1024", 1024, 128256, 4096, true),
             ("lm_head dh c1024", 1024, 4096, 128256, false),
         ];
