@@ -324,18 +324,32 @@ pub const CHECK: GpuCheck = GpuCheck {
     run: gpu_check,
 };
 
+/// The same GEMMs through cuBLASLt (first heuristic choice, then tuned): its own op, run
+/// last by `tigon gpu-check`, so that the opt-in library cannot cost the other ops' lines.
+pub const LT_CHECK: GpuCheck = GpuCheck {
+    op: "matmul_lt",
+    run: gpu_check_lt,
+};
+
 fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
-    // Every GEMM library the GPU can run (cublasGemmEx, cuBLASLt's first choice, cuBLASLt
-    // tuned), each against the CPU reference; the GPU's own mode is restored after.
+    check_in_modes(gpu, rng, &[GemmMode::Cublas])
+}
+
+fn gpu_check_lt(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
+    check_in_modes(gpu, rng, &[GemmMode::Lt, GemmMode::LtTuned])
+}
+
+/// The GEMM checks through each library of `modes`, against the CPU reference; the GPU's
+/// own mode is restored after. A cuBLASLt mode that errs fails its own line.
+fn check_in_modes(gpu: &Arc<Gpu>, rng: &mut Rng, modes: &[GemmMode]) -> Result<Vec<CheckLine>> {
     let before = gpu.gemm_mode();
     let mut lines = Vec::new();
-    for mode in [GemmMode::Cublas, GemmMode::Lt, GemmMode::LtTuned] {
+    for &mode in modes {
         gpu.set_gemm_mode(mode);
         match check_mode(gpu, rng, mode.name()) {
             Ok(l) => lines.extend(l),
-            // cuBLASLt that cannot run (or errs) fails its own line and leaves the others.
             Err(e) if mode != GemmMode::Cublas => lines.push(CheckLine {
-                op: "matmul".into(),
+                op: "matmul_lt".into(),
                 case: format!("{}: {e}", mode.name()),
                 output: "c".into(),
                 dtype: DType::BF16,

@@ -64,6 +64,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         attention::CHECK,
         dropout::CHECK,
         lora_split::CHECK,
+        matmul::LT_CHECK,
     ]
 }
 
