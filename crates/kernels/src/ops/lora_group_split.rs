@@ -13,7 +13,7 @@
 //! plain grouped op orders them. Backward: per member `T_p = dy_p^T [xa_hi | xa_lo]` (for dB)
 //! and `Q_p = s_p dy_p [B_hi | B_lo]` into its columns of one f32 `[n, 2mr]` buffer (the two
 //! blocks of each split that differ, 2r wide rather than 3r); one split of all of Q (`s dy B`); one GEMM `D3^T x` for every dA; every dA and dB fold in one
-//! launch ([`fold3_multi`]); then `dx = D3 a3_cat + sum_p dy_p W_p`, one rank-r GEMM and
+//! launch ([`fold_multi`]); then `dx = D3 a3_cat + sum_p dy_p W_p`, one rank-r GEMM and
 //! the base GEMMs in the plain grouped op's order. Per group that is one A GEMM, one split and one fold launch where the
 //! per-projection path has one of each per member, and x is read once instead of per member.
 //!
@@ -37,7 +37,7 @@ use crate::ops::lora_linear::{
     LoraLinear,
 };
 use crate::ops::lora_split::{
-    check_pair, fold3_multi, split3, split_buffer, FoldJob, LoraSplit, Parts3, SplitBatch, SplitJob,
+    check_pair, fold_multi, split3, split_buffer, FoldJob, LoraSplit, Parts3, SplitBatch,
 };
 use crate::ops::matmul::{gemm_cols, matmul, matmul_into, Cols};
 use crate::rng::Rng;
@@ -98,24 +98,10 @@ impl GroupSplits {
         let mut offset = 0;
         for ((a, b), b3) in pairs.iter().zip(self.b3.iter_mut()) {
             let ((r, inp), (o, _)) = (a.rows_cols(), b.rows_cols());
-            batch.jobs.push(SplitJob {
-                src: a,
-                dst: a3,
-                dst_offset: offset,
-                rows: 1,
-                cols: r * inp,
-                parts: Parts3::HiLoHi,
-            });
+            batch.push(a, a3, offset, (1, r * inp), Parts3::HiLoHi);
             offset += 3 * r * inp;
             let d = batch.dst(b3);
-            batch.jobs.push(SplitJob {
-                src: b,
-                dst: d,
-                dst_offset: 0,
-                rows: o,
-                cols: r,
-                parts: Parts3::HiHiLo,
-            });
+            batch.push(b, d, 0, (o, r), Parts3::HiHiLo);
         }
     }
 
@@ -270,7 +256,7 @@ pub fn lora_group_backward_split(
             scale: 1.0,
         });
     }
-    fold3_multi(&mut jobs)?;
+    fold_multi(&mut jobs)?;
     drop(jobs);
     drop((ts, ta));
     group_input_grad(g, &plan, &gpu, dys, x, &d3, g.a_cat)

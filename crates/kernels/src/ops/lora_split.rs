@@ -271,6 +271,26 @@ impl<'a> SplitBatch<'a> {
         self.dsts.len() - 1
     }
 
+    /// Add the split of `src` (`[rows, cols]` f32) into destination `dst` from element
+    /// `dst_offset` on.
+    pub fn push(
+        &mut self,
+        src: &'a Tensor,
+        dst: usize,
+        dst_offset: usize,
+        (rows, cols): (usize, usize),
+        parts: Parts3,
+    ) {
+        self.jobs.push(SplitJob {
+            src,
+            dst,
+            dst_offset,
+            rows,
+            cols,
+            parts,
+        });
+    }
+
     pub fn run(mut self) -> Result<()> {
         split3_multi(&self.jobs, &mut self.dsts)
     }
@@ -386,7 +406,7 @@ pub fn split3_multi(jobs: &[SplitJob], dsts: &mut [&mut Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// One fold of [`fold3_multi`]: `dst[rows, cols] += scale * (src[rows, i, cols] +
+/// One fold of [`fold_multi`]: `dst[rows, cols] += scale * (src[rows, i, cols] +
 /// src[rows, j, cols])`, `src` viewed as `[rows, blocks, cols]` from element `src_offset` on.
 pub struct FoldJob<'a> {
     pub dst: &'a mut Tensor,
@@ -400,7 +420,7 @@ pub struct FoldJob<'a> {
 }
 
 /// [`fold_into`] of many gradients in one launch per 64 (a group's dA and dB folds).
-pub fn fold3_multi(jobs: &mut [FoldJob]) -> Result<()> {
+pub fn fold_multi(jobs: &mut [FoldJob]) -> Result<()> {
     let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(2 * jobs.len());
     for j in jobs.iter() {
         expect_dtype(OP, "dst", j.dst, &[DType::F32])?;
@@ -509,22 +529,8 @@ impl LoraSplit {
         let ((r, inp), (o, _)) = (a.rows_cols(), b.rows_cols());
         let da = batch.dst(&mut self.a3);
         let db = batch.dst(&mut self.b3);
-        batch.jobs.push(SplitJob {
-            src: a,
-            dst: da,
-            dst_offset: 0,
-            rows: 1,
-            cols: r * inp,
-            parts: Parts3::HiLoHi,
-        });
-        batch.jobs.push(SplitJob {
-            src: b,
-            dst: db,
-            dst_offset: 0,
-            rows: o,
-            cols: r,
-            parts: Parts3::HiHiLo,
-        });
+        batch.push(a, da, 0, (1, r * inp), Parts3::HiLoHi);
+        batch.push(b, db, 0, (o, r), Parts3::HiHiLo);
     }
 
     /// The rank r.
@@ -790,14 +796,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         (&bigg, ibig, 0, 80, 65536, Parts3::HiHiLo),
         (&a2g, ia3, 3 * r * inp, 1, r * inp, Parts3::HiLoHi),
     ] {
-        batch.jobs.push(SplitJob {
-            src,
-            dst,
-            dst_offset,
-            rows,
-            cols,
-            parts,
-        });
+        batch.push(src, dst, dst_offset, (rows, cols), parts);
     }
     batch.run()?;
     let a3_want = Tensor::from_f32_as(
@@ -838,7 +837,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
     let (mut da_want, mut db_want) = (da.to_cpu()?, db.to_cpu()?);
     let (mut da_got, mut db_got) = (to_gpu(&da)?, to_gpu(&db)?);
     let folds = |da: &mut Tensor, db: &mut Tensor, src: &Tensor, tb: &Tensor| -> Result<()> {
-        fold3_multi(&mut [
+        fold_multi(&mut [
             FoldJob {
                 dst: da,
                 src,
@@ -1073,7 +1072,7 @@ mod tests {
         let mut want = start.to_cpu().unwrap();
         fold_into(&mut want, &tail, 4, 3, 3, [0, 2], 0.5).unwrap();
         let mut got = start.to_cpu().unwrap();
-        fold3_multi(&mut [FoldJob {
+        fold_multi(&mut [FoldJob {
             dst: &mut got,
             src: &src,
             src_offset: 36,
@@ -1085,7 +1084,7 @@ mod tests {
         }])
         .unwrap();
         assert_eq!(f32s(&got), f32s(&want));
-        assert!(fold3_multi(&mut [FoldJob {
+        assert!(fold_multi(&mut [FoldJob {
             dst: &mut got,
             src: &src,
             src_offset: 40,
