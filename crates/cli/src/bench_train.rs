@@ -445,6 +445,11 @@ fn run(
     };
     let mut losses = Vec::new();
     let (mut step_ms, mut fwd_ms, mut fwd_bwd_ms, mut opt_ms) = (vec![], vec![], vec![], vec![]);
+    // Host side of each timed step: time spent enqueuing (not waiting) and the waits on the
+    // stream inside the step. Busy time near the step time means the launches, not the
+    // kernels, set the pace.
+    let (mut host_busy_ms, mut host_wait_ms, mut host_waits) = (vec![], vec![], vec![]);
+    let waits_now = || gpu.as_ref().map(|g| g.host_waits()).unwrap_or((0, 0.0));
     let wall = Instant::now();
     let mut timed_wall_s = 0.0;
     for (i, batch) in all.iter().enumerate() {
@@ -461,6 +466,7 @@ fn run(
             let b = clock.tick()?;
             fwd_ms.push(clock.ms(&a, &b)?);
         }
+        let (w0, host0) = (waits_now(), Instant::now());
         let t0 = clock.tick()?;
         let step = decoder
             .forward_backward(batch, None)
@@ -470,6 +476,7 @@ fn run(
             .optimizer_step(i as u64 + 1, &adamw, None)
             .with_context(|| format!("step {i}: optimizer"))?;
         let t2 = clock.tick()?;
+        let (w1, host_s) = (waits_now(), host0.elapsed().as_secs_f64());
         let loss = step.loss.to_f32_vec()?[0];
         if !loss.is_finite() {
             bail!("step {i}: loss is {loss}");
@@ -479,6 +486,10 @@ fn run(
             step_ms.push(clock.ms(&t0, &t2)?);
             fwd_bwd_ms.push(clock.ms(&t0, &t1)?);
             opt_ms.push(clock.ms(&t1, &t2)?);
+            let wait_s = w1.1 - w0.1;
+            host_busy_ms.push((host_s - wait_s) * 1e3);
+            host_wait_ms.push(wait_s * 1e3);
+            host_waits.push((w1.0 - w0.0) as f64);
         }
     }
     if let Some(g) = &gpu {
@@ -504,6 +515,14 @@ fn run(
     out["peak_gib"] = json!(peak.map(|b| b as f64 / (1u64 << 30) as f64));
     out["losses"] = json!(losses);
     out["step_ms"] = json!(step_ms);
+    if gpu.is_some() {
+        out["host"] = json!({
+            "note": "per timed step, host side: busy = enqueuing work (step wall minus waits on the stream); waits = synchronisations inside the step",
+            "median_busy_ms": median(&host_busy_ms),
+            "median_wait_ms": median(&host_wait_ms),
+            "waits_per_step": median(&host_waits),
+        });
+    }
     if let Some(g) = &gpu {
         // The GEMM library (TIGON_GEMM); with cuBLASLt, how many GEMM problems it planned
         // and how many it left to cublasGemmEx.

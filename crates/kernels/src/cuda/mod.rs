@@ -17,7 +17,7 @@ pub mod transfer;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as drv, sys, CudaContext, CudaStream};
@@ -71,6 +71,10 @@ pub struct Gpu {
     gemm_mode: AtomicU8,
     /// cuBLASLt, made at the first GEMM that asks for it (or why it could not be).
     lt: OnceLock<std::result::Result<gemm_lt::Lt, String>>,
+    /// Host waits on the stream (synchronize, downloads, uploads) and the nanoseconds spent
+    /// in them: a training step that waits mid-way cannot keep the GPU's queue full.
+    waits: AtomicUsize,
+    wait_ns: AtomicU64,
 }
 
 // SAFETY: the raw handles (modules, functions, the cuBLAS handle) are only used on this
@@ -133,6 +137,8 @@ impl Gpu {
             poison: AtomicBool::new(false),
             gemm_mode: AtomicU8::new(gemm_lt::GemmMode::from_env().code()),
             lt: OnceLock::new(),
+            waits: AtomicUsize::new(0),
+            wait_ns: AtomicU64::new(0),
         }))
     }
 
@@ -324,7 +330,20 @@ impl Gpu {
     /// Wait for all work on the stream; surfaces any asynchronous kernel fault.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
-        unsafe { drv::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize")
+        let t = std::time::Instant::now();
+        let r = unsafe { drv::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize");
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// (host waits on the stream, seconds spent waiting) since the GPU was opened.
+    pub fn host_waits(&self) -> (usize, f64) {
+        (
+            self.waits.load(Ordering::Relaxed),
+            self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+        )
     }
 
     /// The entry point `function` of `source`, compiling (or loading from the disk cache)
