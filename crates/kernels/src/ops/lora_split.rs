@@ -296,9 +296,6 @@ impl<'a> SplitBatch<'a> {
     }
 }
 
-/// Elements per table entry of the multi-tensor launch.
-const JOB_CHUNK: usize = 1 << 16;
-
 /// Table entries per multi-tensor launch (lora_split.cu's LORA_MULTI_CAP): the table is a
 /// by-value kernel parameter, so launching needs no upload and no host synchronisation.
 const MULTI_CAP: usize = 64;
@@ -337,7 +334,7 @@ struct Table<E: Copy> {
 }
 
 /// [`split3`] of many tensors into existing buffers (every adapter's A and B of a layer), in
-/// one launch per 64 chunks of 65536 elements on the GPU.
+/// one launch per 64 tensors on the GPU (each tensor spread over the whole GPU).
 pub fn split3_multi(jobs: &[SplitJob], dsts: &mut [&mut Tensor]) -> Result<()> {
     let mut named: Vec<(&'static str, &Tensor)> = Vec::with_capacity(jobs.len() + dsts.len());
     for j in jobs {
@@ -376,32 +373,26 @@ pub fn split3_multi(jobs: &[SplitJob], dsts: &mut [&mut Tensor]) -> Result<()> {
         }
         return Ok(());
     };
-    let mut entries = Vec::new();
-    for j in jobs {
-        let n = j.rows * j.cols;
-        let dst = dsts[j.dst].dptr() + (j.dst_offset * DType::BF16.size_in_bytes()) as u64;
-        let mut start = 0;
-        while start < n {
-            let len = JOB_CHUNK.min(n - start);
-            entries.push(SplitEntry {
-                src: j.src.dptr(),
-                dst,
-                cols: j.cols as i64,
-                parts: j.parts.mask() as i64,
-                start: start as i64,
-                n: len as i64,
-            });
-            start += len;
-        }
-    }
+    let entries: Vec<SplitEntry> = jobs
+        .iter()
+        .map(|j| SplitEntry {
+            src: j.src.dptr(),
+            dst: dsts[j.dst].dptr() + (j.dst_offset * DType::BF16.size_in_bytes()) as u64,
+            cols: j.cols as i64,
+            parts: j.parts.mask() as i64,
+            start: 0,
+            n: (j.rows * j.cols) as i64,
+        })
+        .collect();
     let f = gpu.function(&SOURCE, "lora_split3_multi")?;
     for chunk in entries.chunks(MULTI_CAP) {
         let mut table = Table {
             entries: [SplitEntry::default(); MULTI_CAP],
         };
         table.entries[..chunk.len()].copy_from_slice(chunk);
-        let blocks = chunk.len().min(gpu.sm_count() * 8) as u32;
-        launch!(gpu, f, (blocks, 1, 1), (256, 1, 1), 0; table, chunk.len() as i32)?;
+        let most = chunk.iter().map(|e| e.n as usize).max().unwrap_or(0);
+        let grid_x = most.div_ceil(256).clamp(1, gpu.sm_count() * 4) as u32;
+        launch!(gpu, f, (grid_x, chunk.len() as u32, 1), (256, 1, 1), 0; table)?;
     }
     Ok(())
 }
@@ -776,55 +767,81 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         )?);
     }
     // The multi-tensor launch over an adapter's A ([r, in] split along rows) and B ([out, r]
-    // along columns), several chunks each, and a second A written after the first into one
-    // stacked buffer (a group's stacked A), more than one table's worth of chunks in all.
+    // along columns), a second A written after the first into one stacked buffer (a group's
+    // stacked A), and 70 small tensors into one buffer: more than one table's worth of jobs.
     let (r, inp, out) = (16, 4096, 14336);
+    let (small_rows, small_cols, smalls) = (37, 5, 70);
     let a = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.02))?;
     let a2 = Tensor::from_f32(&[r, inp], rng.normal_vec(r * inp, 0.02))?;
     let b = Tensor::from_f32(&[out, r], rng.normal_vec(out * r, 0.02))?;
-    let big = Tensor::from_f32(&[80, 65536], rng.normal_vec(80 * 65536, 0.02))?;
-    let (ag, a2g, bg, bigg) = (to_gpu(&a)?, to_gpu(&a2)?, to_gpu(&b)?, to_gpu(&big)?);
+    let small: Vec<Tensor> = (0..smalls)
+        .map(|_| {
+            let v = rng.normal_vec(small_rows * small_cols, 1.0);
+            Tensor::from_f32(&[small_rows, small_cols], v)
+        })
+        .collect::<Result<_>>()?;
+    let (ag, a2g, bg) = (to_gpu(&a)?, to_gpu(&a2)?, to_gpu(&b)?);
+    let small_g: Vec<Tensor> = small.iter().map(to_gpu).collect::<Result<_>>()?;
     let dev = Device::Cuda(gpu.clone());
     let mut a3 = Tensor::zeros(&[6 * r, inp], DType::BF16, &dev)?;
     let mut b3 = Tensor::zeros(&[out, 3 * r], DType::BF16, &dev)?;
-    let mut big3 = Tensor::zeros(&[80, 3 * 65536], DType::BF16, &dev)?;
+    let small_shape = [smalls * small_rows, 3 * small_cols];
+    let mut small3 = Tensor::zeros(&small_shape, DType::BF16, &dev)?;
     let mut batch = SplitBatch::default();
-    let (ia3, ib3, ibig) = (batch.dst(&mut a3), batch.dst(&mut b3), batch.dst(&mut big3));
-    for (src, dst, dst_offset, rows, cols, parts) in [
+    let (ia3, ib3, ismall) = (
+        batch.dst(&mut a3),
+        batch.dst(&mut b3),
+        batch.dst(&mut small3),
+    );
+    let mut jobs = vec![
         (&ag, ia3, 0, 1, r * inp, Parts3::HiLoHi),
         (&bg, ib3, 0, out, r, Parts3::HiHiLo),
-        (&bigg, ibig, 0, 80, 65536, Parts3::HiHiLo),
         (&a2g, ia3, 3 * r * inp, 1, r * inp, Parts3::HiLoHi),
-    ] {
+    ];
+    for (k, t) in small_g.iter().enumerate() {
+        let at = k * small_rows * 3 * small_cols;
+        jobs.push((t, ismall, at, small_rows, small_cols, Parts3::HiHiLo));
+    }
+    for (src, dst, dst_offset, rows, cols, parts) in jobs {
         batch.push(src, dst, dst_offset, (rows, cols), parts);
     }
     batch.run()?;
-    let a3_want = Tensor::from_f32_as(
-        &[6 * r, inp],
+    let stacked = |parts: Vec<Tensor>, shape: &[usize]| -> Result<Tensor> {
+        let vals = parts
+            .iter()
+            .map(|t| t.to_f32_vec())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::from_f32_as(shape, vals.concat(), DType::BF16)
+    };
+    let a3_want = stacked(
         [&a, &a2]
             .iter()
             .map(|a| split3(a, 1, 1, r * inp, &[0], 1.0, Parts3::HiLoHi, &[3 * r, inp]))
-            .collect::<Result<Vec<_>>>()?
-            .iter()
-            .flat_map(|t| t.to_f32_vec().unwrap_or_default())
-            .collect(),
-        DType::BF16,
+            .collect::<Result<_>>()?,
+        &[6 * r, inp],
     )?;
     let b3_want = split3(&b, out, 1, r, &[0], 1.0, Parts3::HiHiLo, &[out, 3 * r])?;
-    let big3_want = split3(
-        &big,
-        80,
-        1,
-        65536,
-        &[0],
-        1.0,
-        Parts3::HiHiLo,
-        &[80, 3 * 65536],
-    )?;
+    let small_parts = small
+        .iter()
+        .map(|t| {
+            let shape = [small_rows, 3 * small_cols];
+            split3(
+                t,
+                small_rows,
+                1,
+                small_cols,
+                &[0],
+                1.0,
+                Parts3::HiHiLo,
+                &shape,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let small3_want = stacked(small_parts, &small_shape)?;
     for (case, got, want) in [
         ("multi 2 x A [16, 4096] stacked", &a3, &a3_want),
         ("multi B [14336, 16]", &b3, &b3_want),
-        ("multi [80, 65536] (81+ chunks)", &big3, &big3_want),
+        ("multi 70 x [37, 5] (two tables)", &small3, &small3_want),
     ] {
         lines.push(compare_with_tol(OP, case, "split", got, want, exact)?);
     }
