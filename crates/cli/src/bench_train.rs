@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use tigon_engine::lora::LoraPrecision;
 use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState, Offload};
 use tigon_kernels::cuda::timing::Mark;
+use tigon_kernels::cuda::HostCall;
 use tigon_kernels::ops::adamw::AdamW;
 use tigon_kernels::{DType, Device, Gpu, KernelError};
 use tigon_model::{Adapter, LoraConfig, ModelConfig, ModelWeights, Projection, TargetModules};
@@ -449,7 +450,16 @@ fn run(
     // stream inside the step. Busy time near the step time means the launches, not the
     // kernels, set the pace.
     let (mut host_busy_ms, mut host_wait_ms, mut host_waits) = (vec![], vec![], vec![]);
-    let waits_now = || gpu.as_ref().map(|g| g.host_waits()).unwrap_or((0, 0.0));
+    let mut host_other_ms = vec![];
+    let host_calls = || gpu.as_ref().map(|g| g.host_calls()).unwrap_or_default();
+    let waits_of = |calls: &[(HostCall, u64, f64)]| {
+        calls
+            .iter()
+            .find(|c| c.0 == HostCall::Wait)
+            .map(|c| (c.1, c.2))
+            .unwrap_or((0, 0.0))
+    };
+    let mut timed_calls: Vec<(HostCall, u64, f64)> = Vec::new();
     let wall = Instant::now();
     let mut timed_wall_s = 0.0;
     for (i, batch) in all.iter().enumerate() {
@@ -466,7 +476,7 @@ fn run(
             let b = clock.tick()?;
             fwd_ms.push(clock.ms(&a, &b)?);
         }
-        let (w0, host0) = (waits_now(), Instant::now());
+        let (c0, host0) = (host_calls(), Instant::now());
         let t0 = clock.tick()?;
         let step = decoder
             .forward_backward(batch, None)
@@ -476,7 +486,7 @@ fn run(
             .optimizer_step(i as u64 + 1, &adamw, None)
             .with_context(|| format!("step {i}: optimizer"))?;
         let t2 = clock.tick()?;
-        let (w1, host_s) = (waits_now(), host0.elapsed().as_secs_f64());
+        let (c1, host_s) = (host_calls(), host0.elapsed().as_secs_f64());
         let loss = step.loss.to_f32_vec()?[0];
         if !loss.is_finite() {
             bail!("step {i}: loss is {loss}");
@@ -486,10 +496,19 @@ fn run(
             step_ms.push(clock.ms(&t0, &t2)?);
             fwd_bwd_ms.push(clock.ms(&t0, &t1)?);
             opt_ms.push(clock.ms(&t1, &t2)?);
-            let wait_s = w1.1 - w0.1;
-            host_busy_ms.push((host_s - wait_s) * 1e3);
-            host_wait_ms.push(wait_s * 1e3);
-            host_waits.push((w1.0 - w0.0) as f64);
+            let ((n0, s0), (n1, s1)) = (waits_of(&c0), waits_of(&c1));
+            host_busy_ms.push((host_s - (s1 - s0)) * 1e3);
+            let in_calls: f64 = c1.iter().zip(&c0).map(|(b, a)| b.2 - a.2).sum();
+            host_other_ms.push((host_s - in_calls) * 1e3);
+            host_wait_ms.push((s1 - s0) * 1e3);
+            host_waits.push((n1 - n0) as f64);
+            for (i, (b, a)) in c1.iter().zip(&c0).enumerate() {
+                if timed_calls.len() <= i {
+                    timed_calls.push((b.0, 0, 0.0));
+                }
+                timed_calls[i].1 += b.1 - a.1;
+                timed_calls[i].2 += b.2 - a.2;
+            }
         }
     }
     if let Some(g) = &gpu {
@@ -517,10 +536,18 @@ fn run(
     out["step_ms"] = json!(step_ms);
     if gpu.is_some() {
         out["host"] = json!({
-            "note": "per timed step, host side: busy = enqueuing work (step wall minus waits on the stream); waits = synchronisations inside the step",
+            "note": "per timed step, host side: busy = step wall minus waits on the stream (synchronisations and pageable copies); outside_calls = time not in any timed driver or library call (tigon's own code); calls_per_step: count and host time of each kind of call",
             "median_busy_ms": median(&host_busy_ms),
             "median_wait_ms": median(&host_wait_ms),
             "waits_per_step": median(&host_waits),
+            "median_outside_calls_ms": median(&host_other_ms),
+            "calls_per_step": timed_calls
+                .iter()
+                .map(|c| (c.0.name().to_string(), json!({
+                    "calls": c.1 as f64 / args.steps as f64,
+                    "ms": c.2 * 1e3 / args.steps as f64,
+                })))
+                .collect::<serde_json::Map<_, _>>(),
         });
     }
     if let Some(g) = &gpu {

@@ -102,6 +102,7 @@ impl Gpu {
                 format!("dimensions exceed cuBLAS's 32-bit limit: {s:?}"),
             ));
         }
+        let _t = self.host_time(super::HostCall::Gemm);
         let mode = self.gemm_mode();
         if s.batch <= 1
             && mode != super::gemm_lt::GemmMode::Cublas

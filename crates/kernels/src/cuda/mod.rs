@@ -71,10 +71,8 @@ pub struct Gpu {
     gemm_mode: AtomicU8,
     /// cuBLASLt, made at the first GEMM that asks for it (or why it could not be).
     lt: OnceLock<std::result::Result<gemm_lt::Lt, String>>,
-    /// Host waits on the stream (synchronize, downloads, uploads) and the nanoseconds spent
-    /// in them: a training step that waits mid-way cannot keep the GPU's queue full.
-    waits: AtomicUsize,
-    wait_ns: AtomicU64,
+    /// Host time in this layer's driver and library calls, by kind.
+    host: HostClock,
 }
 
 // SAFETY: the raw handles (modules, functions, the cuBLAS handle) are only used on this
@@ -137,8 +135,7 @@ impl Gpu {
             poison: AtomicBool::new(false),
             gemm_mode: AtomicU8::new(gemm_lt::GemmMode::from_env().code()),
             lt: OnceLock::new(),
-            waits: AtomicUsize::new(0),
-            wait_ns: AtomicU64::new(0),
+            host: HostClock::default(),
         }))
     }
 
@@ -235,6 +232,7 @@ impl Gpu {
             });
         }
         self.bind()?;
+        let timer = self.host.time(HostCall::Alloc);
         let ptr = match unsafe { drv::malloc_async(self.cu_stream(), bytes) } {
             Ok(p) => p,
             Err(e) if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
@@ -253,6 +251,7 @@ impl Gpu {
                 })
             }
         };
+        drop(timer);
         let live = self.live_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak_bytes.fetch_max(live, Ordering::Relaxed);
         let buf = DeviceBuffer {
@@ -272,6 +271,7 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
+        let _t = self.host.time(HostCall::MemOp);
         unsafe { drv::memset_d8_async(buf.ptr, 0, buf.bytes, self.cu_stream()) }
             .call("cuMemsetD8Async")
     }
@@ -283,10 +283,12 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
+        // A copy from pageable memory returns only when the stream has reached it.
+        let _t = self.host.time(HostCall::Wait);
         unsafe {
             drv::memcpy_htod_async(buf.ptr, data, self.cu_stream()).call("cuMemcpyHtoDAsync")?;
         }
-        self.synchronize()
+        self.wait_for_stream()
     }
 
     /// Copy `n` values of `buf` to the host (waits for the stream).
@@ -300,11 +302,12 @@ impl Gpu {
             return Ok(out);
         }
         self.bind()?;
+        let _t = self.host.time(HostCall::Wait);
         unsafe {
             drv::memcpy_dtoh_async(&mut out, buf.ptr, self.cu_stream())
                 .call("cuMemcpyDtoHAsync")?;
         }
-        self.synchronize()?;
+        self.wait_for_stream()?;
         Ok(out)
     }
 
@@ -313,6 +316,7 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
+        let _t = self.host.time(HostCall::MemOp);
         unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.cu_stream()) }
             .call("cuMemcpyDtoDAsync")
     }
@@ -323,6 +327,7 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
+        let _t = self.host.time(HostCall::MemOp);
         unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.cu_stream()) }
             .call("cuMemcpyDtoDAsync")
     }
@@ -330,26 +335,35 @@ impl Gpu {
     /// Wait for all work on the stream; surfaces any asynchronous kernel fault.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
-        let t = std::time::Instant::now();
-        let r = unsafe { drv::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize");
-        self.waits.fetch_add(1, Ordering::Relaxed);
-        self.wait_ns
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        r
+        let _t = self.host.time(HostCall::Wait);
+        self.wait_for_stream()
     }
 
-    /// (host waits on the stream, seconds spent waiting) since the GPU was opened.
-    pub fn host_waits(&self) -> (usize, f64) {
-        (
-            self.waits.load(Ordering::Relaxed),
-            self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9,
-        )
+    fn wait_for_stream(&self) -> Result<()> {
+        unsafe { drv::stream::synchronize(self.cu_stream()) }.call("cuStreamSynchronize")
+    }
+
+    /// Calls and host seconds by kind of call since the GPU was opened (see [`HostCall`]).
+    pub fn host_calls(&self) -> Vec<(HostCall, u64, f64)> {
+        HostCall::ALL
+            .iter()
+            .map(|&c| {
+                let (n, ns) = self.host.get(c);
+                (c, n, ns as f64 * 1e-9)
+            })
+            .collect()
+    }
+
+    /// Start timing a host call of kind `call` (ends when the guard drops).
+    pub(crate) fn host_time(&self, call: HostCall) -> HostTimer<'_> {
+        self.host.time(call)
     }
 
     /// The entry point `function` of `source`, compiling (or loading from the disk cache)
     /// the module at first use.
     pub fn function(&self, source: &KernelSource, function: &str) -> Result<Function> {
         self.bind()?;
+        let _t = self.host.time(HostCall::Lookup);
         let mut modules = self.modules.lock().expect("module cache poisoned");
         if !modules.contains_key(source.name) {
             let image = nvrtc::compile_cached(source, self.arch)?;
@@ -376,6 +390,7 @@ impl Gpu {
 
     /// Allow `f` to use more than the default 48 KiB of dynamic shared memory.
     pub fn set_max_dynamic_shared(&self, f: Function, bytes: usize) -> Result<()> {
+        let _t = self.host.time(HostCall::Lookup);
         unsafe {
             drv::function::set_function_attribute(
                 f.0,
@@ -402,6 +417,7 @@ impl Gpu {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         self.bind()?;
+        let _t = self.host.time(HostCall::Launch);
         drv::launch_kernel(f.0, grid, block, shared_bytes, self.cu_stream(), params)
             .call("cuLaunchKernel")
     }
@@ -468,9 +484,93 @@ impl Drop for DeviceBuffer {
             return;
         }
         let _ = self.gpu.bind();
+        let _t = self.gpu.host.time(HostCall::Free);
         unsafe {
             let _ = drv::free_async(self.ptr, self.gpu.cu_stream());
         }
         self.gpu.live_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Kinds of host call the device layer times: a step whose host time nearly equals its GPU
+/// time is paced by these, not by its kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostCall {
+    /// cuLaunchKernel.
+    Launch,
+    /// A cuBLAS or cuBLASLt GEMM call.
+    Gemm,
+    /// cuMemAllocAsync.
+    Alloc,
+    /// cuMemFreeAsync.
+    Free,
+    /// Finding a compiled kernel by name (the module cache) and setting its attributes.
+    Lookup,
+    /// cuMemsetD8Async and device-to-device copies.
+    MemOp,
+    /// Waiting for the stream: synchronize, and downloads and uploads whole (a copy to or
+    /// from pageable memory returns only when the stream reaches it).
+    Wait,
+}
+
+impl HostCall {
+    pub const ALL: [HostCall; 7] = [
+        HostCall::Launch,
+        HostCall::Gemm,
+        HostCall::Alloc,
+        HostCall::Free,
+        HostCall::Lookup,
+        HostCall::MemOp,
+        HostCall::Wait,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            HostCall::Launch => "launch",
+            HostCall::Gemm => "gemm",
+            HostCall::Alloc => "alloc",
+            HostCall::Free => "free",
+            HostCall::Lookup => "lookup",
+            HostCall::MemOp => "memset_copy",
+            HostCall::Wait => "wait",
+        }
+    }
+}
+
+#[derive(Default)]
+struct HostClock {
+    calls: [AtomicU64; 7],
+    ns: [AtomicU64; 7],
+}
+
+impl HostClock {
+    fn time(&self, call: HostCall) -> HostTimer<'_> {
+        HostTimer {
+            clock: self,
+            call,
+            start: std::time::Instant::now(),
+        }
+    }
+    fn get(&self, call: HostCall) -> (u64, u64) {
+        let i = call as usize;
+        (
+            self.calls[i].load(Ordering::Relaxed),
+            self.ns[i].load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Adds the time from its making to its drop to one kind of host call.
+pub(crate) struct HostTimer<'a> {
+    clock: &'a HostClock,
+    call: HostCall,
+    start: std::time::Instant,
+}
+
+impl Drop for HostTimer<'_> {
+    fn drop(&mut self) {
+        let i = self.call as usize;
+        self.clock.calls[i].fetch_add(1, Ordering::Relaxed);
+        let ns = self.start.elapsed().as_nanos() as u64;
+        self.clock.ns[i].fetch_add(ns, Ordering::Relaxed);
     }
 }
