@@ -3,6 +3,7 @@
 //! gradients; the optimizer step is separate so micro-batches can accumulate.
 
 use tigon_kernels::ops::adamw::{AdamW, AdamWTensors};
+use tigon_kernels::ops::attention::Docs;
 use tigon_kernels::ops::cross_entropy::CrossEntropy;
 use tigon_kernels::ops::dropout::mask_key;
 use tigon_kernels::ops::embedding::embedding_forward;
@@ -288,9 +289,7 @@ impl Decoder {
         Ok(BatchCtx {
             tokens: n,
             positions: Tensor::from_i32(&[n], batch.positions.clone())?.to_device(&self.device)?,
-            cu_seqlens: Tensor::from_i32(&[batch.cu_seqlens.len()], batch.cu_seqlens.clone())?
-                .to_device(&self.device)?,
-            max_seqlen: batch.max_seqlen(),
+            docs: Docs::new(&batch.cu_seqlens, batch.max_seqlen(), &self.device)?,
         })
     }
 

@@ -36,8 +36,9 @@ use tigon_kernels::ops::adamw::{
     adamw_step, adamw_step_unfused, grad_norm, grad_norm_unfused, AdamW, AdamWTensors,
 };
 use tigon_kernels::ops::attention::{
-    attention_backward, attention_backward_unfused, attention_forward, attention_forward_unfused,
-    Attention, AttentionBackward, AttentionForward,
+    attention_backward_docs, attention_backward_unfused_docs, attention_forward_docs,
+    attention_forward_unfused_docs, Attention, AttentionBackward, AttentionForward,
+    AttentionKernel, Docs,
 };
 use tigon_kernels::ops::elementwise::add_inplace;
 use tigon_kernels::ops::fused_linear_cross_entropy::{
@@ -279,14 +280,13 @@ impl Fusion {
     pub(crate) fn attention_forward(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        cu_seqlens: &Tensor,
-        max_seqlen: usize,
+        docs: &Docs,
         p: &Attention,
     ) -> KResult<AttentionForward> {
         if self.attention {
-            attention_forward(q, k, v, cu_seqlens, max_seqlen, p)
+            attention_forward_docs(q, k, v, docs, p, AttentionKernel::Auto)
         } else {
-            attention_forward_unfused(q, k, v, cu_seqlens, max_seqlen, p)
+            attention_forward_unfused_docs(q, k, v, docs, p)
         }
     }
 
@@ -295,14 +295,13 @@ impl Fusion {
         dout: &Tensor,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         (o, lse): (&Tensor, &Tensor),
-        cu_seqlens: &Tensor,
-        max_seqlen: usize,
+        docs: &Docs,
         p: &Attention,
     ) -> KResult<AttentionBackward> {
         if self.attention {
-            attention_backward(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)
+            attention_backward_docs(dout, (q, k, v), (o, lse), docs, p, AttentionKernel::Auto)
         } else {
-            attention_backward_unfused(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)
+            attention_backward_unfused_docs(dout, (q, k, v), (o, lse), docs, p)
         }
     }
 

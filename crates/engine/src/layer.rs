@@ -32,7 +32,7 @@
 //! `dropout(x)`, made just before its GEMM and dropped right after; the backward makes it
 //! again from the same mask. Without dropout the code path is the plain one.
 
-use tigon_kernels::ops::attention::Attention;
+use tigon_kernels::ops::attention::{Attention, Docs};
 use tigon_kernels::ops::elementwise::{add_bias_inplace, add_inplace};
 use tigon_kernels::ops::lora_group::{
     lora_group_backward, lora_group_forward, stack_rows, GroupMember, LoraGroup, MemberAdapter,
@@ -61,8 +61,9 @@ use crate::spec::DecoderSpec;
 pub struct BatchCtx {
     pub tokens: usize,
     pub positions: Tensor,
-    pub cu_seqlens: Tensor,
-    pub max_seqlen: usize,
+    /// The documents' bounds, checked once per batch and on the device (attention reads them
+    /// from the host copy, so no layer waits for the stream to read them back).
+    pub docs: Docs<'static>,
 }
 
 /// What one layer's backward needs from its forward.
@@ -487,12 +488,9 @@ impl Layer<'_> {
         };
         self.fusion
             .rope_forward(&mut q, &mut k, &ctx.positions, &s.rope)?;
-        let att = self.fusion.attention_forward(
-            (&q, &k, &v),
-            &ctx.cu_seqlens,
-            ctx.max_seqlen,
-            &self.attention(),
-        )?;
+        let att = self
+            .fusion
+            .attention_forward((&q, &k, &v), &ctx.docs, &self.attention())?;
         let (mut x2, xa_o) = self.project(lora, Proj::O, &att.o)?;
         add_inplace(&mut x2, x, 1.0)?;
         let n2 = self
@@ -605,8 +603,7 @@ impl Layer<'_> {
             &dattn,
             (&q, &k, &v),
             (&attn, &lse),
-            &ctx.cu_seqlens,
-            ctx.max_seqlen,
+            &ctx.docs,
             &self.attention(),
         )?;
         drop((dattn, attn, lse, q, k, v));
@@ -690,9 +687,7 @@ mod tests {
         let ctx = BatchCtx {
             tokens: n,
             positions: Tensor::from_i32(&[n], batch.positions.clone()).unwrap(),
-            cu_seqlens: Tensor::from_i32(&[batch.cu_seqlens.len()], batch.cu_seqlens.clone())
-                .unwrap(),
-            max_seqlen: batch.max_seqlen(),
+            docs: Docs::new(&batch.cu_seqlens, batch.max_seqlen(), &Device::Cpu).unwrap(),
         };
         let spec = DecoderSpec::from_config(&weights.config);
         let hidden = weights.config.hidden_size;

@@ -171,35 +171,100 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, p: &Attention) -> Result<Dims> 
     })
 }
 
-/// Read and validate `cu_seqlens`: i32 `[docs + 1]`, starting at 0, never decreasing (empty
-/// documents are allowed), ending at `tokens`, no document longer than `max_seqlen`. On a GPU
-/// this downloads `docs + 1` integers (one small synchronous copy per call).
-fn doc_bounds(cu: &Tensor, tokens: usize, max_seqlen: usize) -> Result<Vec<i32>> {
-    expect_dtype(OP, "cu_seqlens", cu, &[DType::I32])?;
-    if cu.shape().len() != 1 || cu.shape()[0] < 2 {
-        return Err(KernelError::shape(
-            OP,
-            format!(
-                "`cu_seqlens` has shape {:?}, expected [docs + 1] with docs >= 1",
-                cu.shape()
-            ),
-        ));
+/// `cu_seqlens` read and checked once: the document bounds on the host (they size the CUDA
+/// grid and drive the CPU path) beside the tensor the kernels read. The engine makes one per
+/// batch; the entry points that take a `cu_seqlens` tensor make one per call, which on a GPU
+/// downloads it (a wait on the stream, twice per layer and step if the engine did that).
+pub struct Docs<'a> {
+    cu: CuSeqlens<'a>,
+    bounds: Vec<i32>,
+    max_seqlen: usize,
+}
+
+enum CuSeqlens<'a> {
+    Borrowed(&'a Tensor),
+    Owned(Tensor),
+}
+
+impl Docs<'static> {
+    /// Document bounds held on the host (i32 `[docs + 1]`, from 0, never decreasing; empty
+    /// documents are allowed; none longer than `max_seqlen`), checked and put on `device`.
+    pub fn new(bounds: &[i32], max_seqlen: usize, device: &Device) -> Result<Docs<'static>> {
+        check_bounds(bounds, max_seqlen)?;
+        let cu = Tensor::from_i32(&[bounds.len()], bounds.to_vec())?.to_device(device)?;
+        Ok(Docs {
+            cu: CuSeqlens::Owned(cu),
+            bounds: bounds.to_vec(),
+            max_seqlen,
+        })
     }
-    let b = cu.to_i32_vec()?;
-    let bad = |why: String| {
-        Err(KernelError::invalid(
-            OP,
-            format!("cu_seqlens {b:?} for {tokens} tokens: {why}"),
-        ))
-    };
+}
+
+impl<'a> Docs<'a> {
+    /// A `cu_seqlens` tensor (on the host or a GPU), read and checked as [`Docs::new`] does.
+    pub fn from_tensor(cu: &'a Tensor, max_seqlen: usize) -> Result<Docs<'a>> {
+        expect_dtype(OP, "cu_seqlens", cu, &[DType::I32])?;
+        if cu.shape().len() != 1 || cu.shape()[0] < 2 {
+            return Err(KernelError::shape(
+                OP,
+                format!(
+                    "`cu_seqlens` has shape {:?}, expected [docs + 1] with docs >= 1",
+                    cu.shape()
+                ),
+            ));
+        }
+        let bounds = cu.to_i32_vec()?;
+        check_bounds(&bounds, max_seqlen)?;
+        Ok(Docs {
+            cu: CuSeqlens::Borrowed(cu),
+            bounds,
+            max_seqlen,
+        })
+    }
+
+    /// The tensor the kernels read.
+    pub fn cu_seqlens(&self) -> &Tensor {
+        match &self.cu {
+            CuSeqlens::Borrowed(t) => t,
+            CuSeqlens::Owned(t) => t,
+        }
+    }
+
+    pub fn max_seqlen(&self) -> usize {
+        self.max_seqlen
+    }
+
+    /// Tokens covered (the last bound).
+    pub fn tokens(&self) -> usize {
+        *self.bounds.last().expect("checked: at least two bounds") as usize
+    }
+
+    /// The bounds, for inputs of `tokens` tokens (they must end there).
+    fn bounds_for(&self, tokens: usize) -> Result<&[i32]> {
+        if self.tokens() != tokens {
+            return Err(KernelError::invalid(
+                OP,
+                format!(
+                    "cu_seqlens {:?} for {tokens} tokens: must end at the token count {tokens}",
+                    self.bounds
+                ),
+            ));
+        }
+        Ok(&self.bounds)
+    }
+}
+
+/// At least two bounds, from 0, never decreasing, no document longer than `max_seqlen`.
+fn check_bounds(b: &[i32], max_seqlen: usize) -> Result<()> {
+    let bad = |why: String| Err(KernelError::invalid(OP, format!("cu_seqlens {b:?}: {why}")));
+    if b.len() < 2 {
+        return bad("expected [docs + 1] bounds with docs >= 1".into());
+    }
     if b[0] != 0 {
         return bad("must start at 0".into());
     }
     if let Some(w) = b.windows(2).find(|w| w[1] < w[0]) {
         return bad(format!("decreases ({} then {})", w[0], w[1]));
-    }
-    if *b.last().unwrap() as i64 != tokens as i64 {
-        return bad(format!("must end at the token count {tokens}"));
     }
     let longest = b.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap();
     if longest > max_seqlen {
@@ -207,7 +272,7 @@ fn doc_bounds(cu: &Tensor, tokens: usize, max_seqlen: usize) -> Result<Vec<i32>>
             "a document of {longest} tokens exceeds max_seqlen {max_seqlen}"
         ));
     }
-    Ok(b)
+    Ok(())
 }
 
 /// `cu_seqlens` on the GPU: the tensor itself, or an upload when the caller kept it on the host.
@@ -273,15 +338,29 @@ pub fn attention_forward_with(
     p: &Attention,
     kernel: AttentionKernel,
 ) -> Result<AttentionForward> {
+    let docs = Docs::from_tensor(cu_seqlens, max_seqlen)?;
+    attention_forward_docs(q, k, v, &docs, p, kernel)
+}
+
+/// [`attention_forward_with`] over documents read and checked before (see [`Docs`]).
+pub fn attention_forward_docs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    docs: &Docs,
+    p: &Attention,
+    kernel: AttentionKernel,
+) -> Result<AttentionForward> {
     let dims = check_qkv(q, k, v, p)?;
-    let gpu = gpu_of(&[("q", q), ("k", k), ("v", v)], cu_seqlens)?;
-    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
+    let gpu = gpu_of(&[("q", q), ("k", k), ("v", v)], docs.cu_seqlens())?;
+    let bounds = docs.bounds_for(dims.tokens)?;
     let Some(gpu) = gpu else {
-        return cpu_forward(q, k, v, &bounds, dims, p.softmax_scale);
+        return cpu_forward(q, k, v, bounds, dims, p.softmax_scale);
     };
     gpu_head_dim(dims.d)?;
-    let cu_up = cu_on_gpu(&gpu, cu_seqlens, &bounds)?;
-    let cu = cu_up.as_ref().unwrap_or(cu_seqlens);
+    let cu_up = cu_on_gpu(&gpu, docs.cu_seqlens(), bounds)?;
+    let cu = cu_up.as_ref().unwrap_or(docs.cu_seqlens());
+    let max_seqlen = docs.max_seqlen();
     let o = Tensor::uninit_cuda(&gpu, q.shape(), q.dtype())?;
     let lse = Tensor::uninit_cuda(&gpu, &[dims.hq, dims.tokens], DType::F32)?;
     if dims.tokens == 0 {
@@ -339,7 +418,7 @@ fn warp_grid(rows: usize) -> u32 {
     rows.div_ceil(8).max(1) as u32
 }
 
-/// The backward's inputs checked: sizes, the GPU (None: the CPU) and the document bounds.
+/// The backward's inputs checked: sizes, the GPU (None: the CPU) and the documents' tokens.
 #[allow(clippy::too_many_arguments)]
 fn check_backward(
     dout: &Tensor,
@@ -348,10 +427,9 @@ fn check_backward(
     v: &Tensor,
     o: &Tensor,
     lse: &Tensor,
-    cu_seqlens: &Tensor,
-    max_seqlen: usize,
+    docs: &Docs,
     p: &Attention,
-) -> Result<(Dims, Option<Arc<Gpu>>, Vec<i32>)> {
+) -> Result<(Dims, Option<Arc<Gpu>>)> {
     let dims = check_qkv(q, k, v, p)?;
     for (name, t) in [("dout", dout), ("o", o)] {
         expect_dtype(OP, name, t, &[q.dtype()])?;
@@ -368,10 +446,10 @@ fn check_backward(
             ("o", o),
             ("lse", lse),
         ],
-        cu_seqlens,
+        docs.cu_seqlens(),
     )?;
-    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
-    Ok((dims, gpu, bounds))
+    docs.bounds_for(dims.tokens)?;
+    Ok((dims, gpu))
 }
 
 /// dq, dk, dv from `dout`, the forward's inputs, its output `o` and its `lse`. dk and dv sum
@@ -416,13 +494,28 @@ pub fn attention_backward_with(
     p: &Attention,
     kernel: AttentionKernel,
 ) -> Result<AttentionBackward> {
-    let (dims, gpu, bounds) = check_backward(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)?;
+    let docs = Docs::from_tensor(cu_seqlens, max_seqlen)?;
+    attention_backward_docs(dout, (q, k, v), (o, lse), &docs, p, kernel)
+}
+
+/// [`attention_backward_with`] over documents read and checked before (see [`Docs`]).
+pub fn attention_backward_docs(
+    dout: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (o, lse): (&Tensor, &Tensor),
+    docs: &Docs,
+    p: &Attention,
+    kernel: AttentionKernel,
+) -> Result<AttentionBackward> {
+    let (dims, gpu) = check_backward(dout, q, k, v, o, lse, docs, p)?;
+    let bounds = &docs.bounds;
     let Some(gpu) = gpu else {
-        return cpu_backward(dout, q, k, v, o, lse, &bounds, dims, p.softmax_scale);
+        return cpu_backward(dout, q, k, v, o, lse, bounds, dims, p.softmax_scale);
     };
     gpu_head_dim(dims.d)?;
-    let cu_up = cu_on_gpu(&gpu, cu_seqlens, &bounds)?;
-    let cu = cu_up.as_ref().unwrap_or(cu_seqlens);
+    let cu_up = cu_on_gpu(&gpu, docs.cu_seqlens(), bounds)?;
+    let cu = cu_up.as_ref().unwrap_or(docs.cu_seqlens());
+    let max_seqlen = docs.max_seqlen();
     let dq = Tensor::uninit_cuda(&gpu, q.shape(), q.dtype())?;
     let dk = Tensor::uninit_cuda(&gpu, k.shape(), k.dtype())?;
     let dv = Tensor::uninit_cuda(&gpu, v.shape(), v.dtype())?;
@@ -574,11 +667,23 @@ pub fn attention_forward_unfused(
     max_seqlen: usize,
     p: &Attention,
 ) -> Result<AttentionForward> {
+    let docs = Docs::from_tensor(cu_seqlens, max_seqlen)?;
+    attention_forward_unfused_docs(q, k, v, &docs, p)
+}
+
+/// [`attention_forward_unfused`] over documents read and checked before (see [`Docs`]).
+pub fn attention_forward_unfused_docs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    docs: &Docs,
+    p: &Attention,
+) -> Result<AttentionForward> {
     let dims = check_qkv(q, k, v, p)?;
-    let gpu = gpu_of(&[("q", q), ("k", k), ("v", v)], cu_seqlens)?;
-    let bounds = doc_bounds(cu_seqlens, dims.tokens, max_seqlen)?;
+    let gpu = gpu_of(&[("q", q), ("k", k), ("v", v)], docs.cu_seqlens())?;
+    let bounds = docs.bounds_for(dims.tokens)?;
     let Some(gpu) = gpu else {
-        return cpu_forward(q, k, v, &bounds, dims, p.softmax_scale);
+        return cpu_forward(q, k, v, bounds, dims, p.softmax_scale);
     };
     let Dims { tokens, hq, hkv, d } = dims;
     let dt = q.dtype();
@@ -587,7 +692,7 @@ pub fn attention_forward_unfused(
     let o = Tensor::uninit_cuda(&gpu, q.shape(), dt)?;
     let lse = Tensor::uninit_cuda(&gpu, &[hq, tokens], DType::F32)?;
     let at = |t, start| Heads::Tokens(t, start, hq, d);
-    for (start, n) in documents(&bounds) {
+    for (start, n) in documents(bounds) {
         let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, Some(&lse))?;
         drop(s);
         heads_gemm(
@@ -621,9 +726,22 @@ pub fn attention_backward_unfused(
     max_seqlen: usize,
     p: &Attention,
 ) -> Result<AttentionBackward> {
-    let (dims, gpu, bounds) = check_backward(dout, q, k, v, o, lse, cu_seqlens, max_seqlen, p)?;
+    let docs = Docs::from_tensor(cu_seqlens, max_seqlen)?;
+    attention_backward_unfused_docs(dout, (q, k, v), (o, lse), &docs, p)
+}
+
+/// [`attention_backward_unfused`] over documents read and checked before (see [`Docs`]).
+pub fn attention_backward_unfused_docs(
+    dout: &Tensor,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (o, lse): (&Tensor, &Tensor),
+    docs: &Docs,
+    p: &Attention,
+) -> Result<AttentionBackward> {
+    let (dims, gpu) = check_backward(dout, q, k, v, o, lse, docs, p)?;
+    let bounds = &docs.bounds;
     let Some(gpu) = gpu else {
-        return cpu_backward(dout, q, k, v, o, lse, &bounds, dims, p.softmax_scale);
+        return cpu_backward(dout, q, k, v, o, lse, bounds, dims, p.softmax_scale);
     };
     let Dims { tokens, hq, hkv, d } = dims;
     let (dt, group, scale) = (q.dtype(), dims.group(), p.softmax_scale);
@@ -633,7 +751,7 @@ pub fn attention_backward_unfused(
     let dkx = Tensor::uninit_cuda(&gpu, &[tokens, hq, d], dt)?;
     let dvx = Tensor::uninit_cuda(&gpu, &[tokens, hq, d], dt)?;
     let at = |t, start| Heads::Tokens(t, start, hq, d);
-    for (start, n) in documents(&bounds) {
+    for (start, n) in documents(bounds) {
         let (s, pr) = doc_probs(&gpu, (q, &kx), (start, n), p, None)?;
         // The scores' buffer takes dP.
         heads_gemm(
@@ -1295,5 +1413,51 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("lse") && e.contains("[4, 6]"), "{e}");
+    }
+
+    /// Documents checked once (the engine's per-batch path) give the per-call results, and
+    /// their checks name the problem just as the per-call entry points do.
+    #[test]
+    fn docs_checked_once_match_the_tensor_entry_points() {
+        let mut rng = Rng::new(31);
+        let lengths = [5, 0, 4];
+        let c = Case::new(&mut rng, &lengths, 4, 2, 8);
+        let (q, k, v, cu) = c.tensors();
+        let dout = Tensor::from_f32(q.shape(), rng.normal_vec(q.elem_count(), 1.0)).unwrap();
+        let bounds = cu_seqlens_of(&lengths);
+        let docs = Docs::new(&bounds, 5, &Device::Cpu).unwrap();
+        assert_eq!((docs.tokens(), docs.max_seqlen()), (9, 5));
+        let want = attention_forward(&q, &k, &v, &cu, 5, &c.p).unwrap();
+        let got = attention_forward_docs(&q, &k, &v, &docs, &c.p, AttentionKernel::Auto).unwrap();
+        assert_eq!(got.o.to_f32_vec().unwrap(), want.o.to_f32_vec().unwrap());
+        assert_eq!(
+            got.lse.to_f32_vec().unwrap(),
+            want.lse.to_f32_vec().unwrap()
+        );
+        let (o, lse) = (&want.o, &want.lse);
+        let want_b = attention_backward(&dout, &q, &k, &v, o, lse, &cu, 5, &c.p).unwrap();
+        let kernel = AttentionKernel::Auto;
+        let got_b =
+            attention_backward_docs(&dout, (&q, &k, &v), (o, lse), &docs, &c.p, kernel).unwrap();
+        for (g, w) in [
+            (&got_b.dq, &want_b.dq),
+            (&got_b.dk, &want_b.dk),
+            (&got_b.dv, &want_b.dv),
+        ] {
+            assert_eq!(g.to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
+        }
+        let e = |b: &[i32], max: usize| Docs::new(b, max, &Device::Cpu).err().unwrap().to_string();
+        assert!(e(&[0, 4, 2], 9).contains("decreases (4 then 2)"));
+        assert!(e(&[0, 9], 5).contains("exceeds max_seqlen 5"));
+        assert!(e(&[0], 5).contains("docs >= 1"));
+        let other = Docs::new(&[0, 3, 7], 4, &Device::Cpu).unwrap();
+        let e = attention_forward_docs(&q, &k, &v, &other, &c.p, kernel)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("for 9 tokens") && e.contains("end at the token count 9"),
+            "{e}"
+        );
     }
 }
