@@ -643,35 +643,60 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         })?);
     }
     drop(dw);
-    // The GEMMs alone at the default chunk: what the cross-entropy adds, and each GEMM's rate.
-    let chunk = default_chunk_tokens(v, DType::BF16);
-    let logits = Tensor::uninit_cuda(gpu, &[chunk, v], DType::BF16)?;
-    let dh = Tensor::uninit_cuda(gpu, &[n, hid], DType::BF16)?;
-    let gemms = |start: usize| ChunkGemms {
-        h: h.dptr() + (start * hid * 2) as u64,
-        w: w.dptr(),
-        logits: logits.dptr(),
-        dtype: DType::BF16,
-        rows: chunk.min(n - start),
-        hid,
-        v,
-    };
-    for (variant, which) in [("gemms", 3), ("g-logits", 1), ("g-dh", 2)] {
-        let flops = if which == 3 { two } else { two / 2.0 };
-        rows.push(measure(gpu, cfg, OP, variant, &shape, 0.0, flops, || {
-            for start in (0..n).step_by(chunk) {
-                let g = gemms(start);
-                if which & 1 != 0 {
-                    g.logits(gpu)?;
+    // The parts alone, at the default chunk and at 768 tokens: the two GEMMs, each GEMM, and
+    // (at 768) the cross-entropy pass over the chunks' logits: where the fused op's time goes.
+    let ce_params = FusedLinearCrossEntropy::default().ce;
+    for (prefix, chunk) in [("", default_chunk_tokens(v, DType::BF16)), ("c768 ", 768)] {
+        let logits = Tensor::uninit_cuda(gpu, &[chunk, v], DType::BF16)?;
+        let dh = Tensor::uninit_cuda(gpu, &[n, hid], DType::BF16)?;
+        let gemms = |start: usize| ChunkGemms {
+            h: h.dptr() + (start * hid * 2) as u64,
+            w: w.dptr(),
+            logits: logits.dptr(),
+            dtype: DType::BF16,
+            rows: chunk.min(n - start),
+            hid,
+            v,
+        };
+        for (part, which) in [("gemms", 3), ("g-logits", 1), ("g-dh", 2)] {
+            let flops = if which == 3 { two } else { two / 2.0 };
+            let variant = format!("{prefix}{part}");
+            rows.push(measure(gpu, cfg, OP, &variant, &shape, 0.0, flops, || {
+                for start in (0..n).step_by(chunk) {
+                    let g = gemms(start);
+                    if which & 1 != 0 {
+                        g.logits(gpu)?;
+                    }
+                    if which & 2 != 0 {
+                        g.dh(gpu, dh.dptr() + (start * hid * 2) as u64)?;
+                    }
                 }
-                if which & 2 != 0 {
-                    g.dh(gpu, dh.dptr() + (start * hid * 2) as u64)?;
+                Ok(())
+            })?);
+        }
+        if !prefix.is_empty() {
+            // Reads and rewrites each chunk's logits once from memory: 2 x 2 bytes x n x v.
+            let bytes = 4.0 * (n * v) as f64;
+            let status = gpu_count_labels(gpu, labels.dptr(), n, v, ce_params.ignore_index)?;
+            let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
+            let variant = format!("{prefix}ce");
+            rows.push(measure(gpu, cfg, OP, &variant, &shape, bytes, 0.0, || {
+                for start in (0..n).step_by(chunk) {
+                    let args = RowsArgs {
+                        logits: logits.dptr(),
+                        dtype: DType::BF16,
+                        labels: labels.dptr() + (start * 4) as u64,
+                        row_loss: row_loss.dptr() + (start * 4) as u64,
+                        status: status.dptr(),
+                        rows: chunk.min(n - start),
+                        v,
+                    };
+                    gpu_rows(gpu, args, &ce_params, true)?;
                 }
-            }
-            Ok(())
-        })?);
+                Ok(())
+            })?);
+        }
     }
-    drop((logits, dh));
     let p = FusedLinearCrossEntropy::default();
     rows.push(measure(gpu, cfg, OP, "unfused", &shape, 0.0, two, || {
         linear_cross_entropy_unfused(&h, &w, &labels, &p, None)?;
