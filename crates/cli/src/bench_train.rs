@@ -446,9 +446,10 @@ fn run(
     };
     let mut losses = Vec::new();
     let (mut step_ms, mut fwd_ms, mut fwd_bwd_ms, mut opt_ms) = (vec![], vec![], vec![], vec![]);
-    // Host side of each timed step: time spent enqueuing (not waiting) and the waits on the
-    // stream inside the step. Busy time near the step time means the launches, not the
-    // kernels, set the pace.
+    // Host side of each timed step: the waits on the stream, the time in each kind of driver
+    // or library call, and the time outside them (tigon's own code). Long waits and little
+    // time outside the calls mean the host runs ahead and the kernels set the pace (a call
+    // such as a GEMM blocks while the GPU's queue is full, so busy time alone cannot say).
     let (mut host_busy_ms, mut host_wait_ms, mut host_waits) = (vec![], vec![], vec![]);
     let mut host_other_ms = vec![];
     let host_calls = || gpu.as_ref().map(|g| g.host_calls()).unwrap_or_default();
@@ -502,12 +503,12 @@ fn run(
             host_other_ms.push((host_s - in_calls) * 1e3);
             host_wait_ms.push((s1 - s0) * 1e3);
             host_waits.push((n1 - n0) as f64);
-            for (i, (b, a)) in c1.iter().zip(&c0).enumerate() {
-                if timed_calls.len() <= i {
+            for (kind, (b, a)) in c1.iter().zip(&c0).enumerate() {
+                if timed_calls.len() <= kind {
                     timed_calls.push((b.0, 0, 0.0));
                 }
-                timed_calls[i].1 += b.1 - a.1;
-                timed_calls[i].2 += b.2 - a.2;
+                timed_calls[kind].1 += b.1 - a.1;
+                timed_calls[kind].2 += b.2 - a.2;
             }
         }
     }

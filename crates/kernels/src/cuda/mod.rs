@@ -574,3 +574,30 @@ impl Drop for HostTimer<'_> {
         self.clock.ns[i].fetch_add(ns, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_timers_count_calls_and_time_by_kind() {
+        let clock = HostClock::default();
+        for _ in 0..3 {
+            let _t = clock.time(HostCall::Gemm);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(clock.time(HostCall::Wait));
+        let (gemms, gemm_ns) = clock.get(HostCall::Gemm);
+        assert_eq!(gemms, 3);
+        assert!(gemm_ns >= 3_000_000, "{gemm_ns} ns");
+        assert_eq!(clock.get(HostCall::Wait).0, 1);
+        assert_eq!(clock.get(HostCall::Launch), (0, 0));
+        // Every kind has its own slot and name.
+        let names: std::collections::HashSet<_> = HostCall::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), HostCall::ALL.len());
+        assert!(HostCall::ALL
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| c as usize == i));
+    }
+}
