@@ -1041,24 +1041,13 @@ mod tests {
         let b = Tensor::from_f32(&[7, 4], Rng::new(2).normal_vec(28, 0.1)).unwrap();
         let mut a3 = Tensor::zeros(&[24, 10], DType::BF16, &Device::Cpu).unwrap();
         let mut b3 = Tensor::zeros(&[7, 12], DType::BF16, &Device::Cpu).unwrap();
-        let job = |src, dst, dst_offset, rows, cols, parts| SplitJob {
-            src,
-            dst,
-            dst_offset,
-            rows,
-            cols,
-            parts,
-        };
         // The second A first: each job writes only its own rows of the stacked buffer.
-        split3_multi(
-            &[
-                job(&b, 1, 0, 7, 4, Parts3::HiHiLo),
-                job(&a2, 0, 120, 1, 40, Parts3::HiLoHi),
-                job(&a, 0, 0, 1, 40, Parts3::HiLoHi),
-            ],
-            &mut [&mut a3, &mut b3],
-        )
-        .unwrap();
+        let mut batch = SplitBatch::default();
+        let (ia3, ib3) = (batch.dst(&mut a3), batch.dst(&mut b3));
+        batch.push(&b, ib3, 0, (7, 4), Parts3::HiHiLo);
+        batch.push(&a2, ia3, 120, (1, 40), Parts3::HiLoHi);
+        batch.push(&a, ia3, 0, (1, 40), Parts3::HiLoHi);
+        batch.run().unwrap();
         let want_a: Vec<f32> = [&a, &a2]
             .iter()
             .flat_map(|a| f32s(&split3(a, 1, 1, 40, &[0], 1.0, Parts3::HiLoHi, &[12, 10]).unwrap()))
@@ -1068,10 +1057,14 @@ mod tests {
         assert_eq!(f32s(&b3), f32s(&want_b));
         // A buffer too short for the job, or a job naming no buffer, is an error naming
         // it, not a panic.
-        let err =
-            split3_multi(&[job(&a, 0, 80, 1, 40, Parts3::HiLoHi)], &mut [&mut b3]).unwrap_err();
-        let missing =
-            split3_multi(&[job(&a, 1, 0, 1, 40, Parts3::HiLoHi)], &mut [&mut b3]).unwrap_err();
+        let one_job = |dst, dst_offset, b3: &mut Tensor| {
+            let mut batch = SplitBatch::default();
+            batch.dst(b3);
+            batch.push(&a, dst, dst_offset, (1, 40), Parts3::HiLoHi);
+            batch.run().unwrap_err()
+        };
+        let err = one_job(0, 80, &mut b3);
+        let missing = one_job(1, 0, &mut b3);
         assert!(
             missing.to_string().contains("destination 1 of 1"),
             "{missing}"
