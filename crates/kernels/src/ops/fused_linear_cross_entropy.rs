@@ -695,6 +695,9 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
                 }
                 Ok(())
             })?);
+            rows.extend(in_loop_parts(
+                gpu, cfg, &shape, chunk, &h, &w, &labels, &logits, &dh,
+            )?);
         }
     }
     let p = FusedLinearCrossEntropy::default();
@@ -702,6 +705,99 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         linear_cross_entropy_unfused(&h, &w, &labels, &p, None)?;
         Ok(())
     })?);
+    Ok(rows)
+}
+
+/// The chunk loop as the fused op runs it, with a mark between every two kernels: each
+/// part's device time summed over the chunks (median over `cfg.runs` loops) and the whole
+/// loop's, so that a part slower inside the loop than alone shows, and so does time between
+/// the parts. Rows `c{chunk} loop logits|ce|dh|all`.
+#[allow(clippy::too_many_arguments)]
+fn in_loop_parts(
+    gpu: &Arc<Gpu>,
+    cfg: &BenchConfig,
+    shape: &str,
+    chunk: usize,
+    h: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    logits: &Tensor,
+    dh: &Tensor,
+) -> Result<Vec<BenchRow>> {
+    let (n, hid) = h.rows_cols();
+    let v = w.shape()[0];
+    let p = CrossEntropy::default();
+    let status = gpu_count_labels(gpu, labels.dptr(), n, v, p.ignore_index)?;
+    let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
+    // Per run: [logits, ce, dh, whole loop] in ms.
+    let mut runs: Vec<[f64; 4]> = Vec::new();
+    for run in 0..cfg.warmup + cfg.runs.max(1) {
+        let mut marks = vec![gpu.mark()?];
+        for start in (0..n).step_by(chunk) {
+            let g = ChunkGemms {
+                h: h.dptr() + (start * hid * 2) as u64,
+                w: w.dptr(),
+                logits: logits.dptr(),
+                dtype: DType::BF16,
+                rows: chunk.min(n - start),
+                hid,
+                v,
+            };
+            g.logits(gpu)?;
+            marks.push(gpu.mark()?);
+            let args = RowsArgs {
+                logits: logits.dptr(),
+                dtype: DType::BF16,
+                labels: labels.dptr() + (start * 4) as u64,
+                row_loss: row_loss.dptr() + (start * 4) as u64,
+                status: status.dptr(),
+                rows: g.rows,
+                v,
+            };
+            gpu_rows(gpu, args, &p, true)?;
+            marks.push(gpu.mark()?);
+            g.dh(gpu, dh.dptr() + (start * hid * 2) as u64)?;
+            marks.push(gpu.mark()?);
+        }
+        let mut sums = [0.0; 4];
+        for (i, pair) in marks.windows(2).enumerate() {
+            sums[i % 3] += pair[1].ms_since(&pair[0])?;
+        }
+        sums[3] = marks[marks.len() - 1].ms_since(&marks[0])?;
+        if run >= cfg.warmup {
+            runs.push(sums);
+        }
+    }
+    let gemm_flops = 2.0 * (n * hid * v) as f64;
+    let parts = [
+        ("logits", gemm_flops, 0.0),
+        ("ce", 0.0, 4.0 * (n * v) as f64),
+        ("dh", gemm_flops, 0.0),
+        ("all", 2.0 * gemm_flops, 0.0),
+    ];
+    let mut rows = Vec::new();
+    for (i, (part, flops, bytes)) in parts.into_iter().enumerate() {
+        let mut t: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+        t.sort_by(|a, b| a.total_cmp(b));
+        let ms = t[t.len() / 2];
+        let (tflops, gbps) = (flops / ms / 1e9, bytes / ms / 1e6);
+        rows.push(BenchRow {
+            op: OP.into(),
+            variant: format!("c{chunk} loop {part}"),
+            shape: shape.into(),
+            median_ms: ms,
+            peak_extra_mib: 0.0,
+            floor_bytes: bytes,
+            flops,
+            gbps,
+            tflops,
+            frac_of_ceiling: if flops > 0.0 {
+                tflops / cfg.gemm_tflops
+            } else {
+                gbps / cfg.copy_gbps
+            },
+        });
+    }
     Ok(rows)
 }
 
