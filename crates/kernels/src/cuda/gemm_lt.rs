@@ -84,6 +84,35 @@ struct Key {
     tuned: bool,
 }
 
+impl Key {
+    fn of(s: &GemmSpec, tuned: bool) -> Key {
+        let code = |d: DType| d as u8;
+        Key {
+            m: s.m,
+            n: s.n,
+            k: s.k,
+            ta: s.a.trans,
+            tb: s.b.trans,
+            lds: [s.a.ld, s.b.ld, s.c.ld],
+            dtypes: [code(s.a.dtype), code(s.b.dtype), code(s.c.dtype)],
+            beta_zero: s.beta == 0.0,
+            align: [alignment(s.a.ptr), alignment(s.b.ptr), alignment(s.c.ptr)],
+            tuned,
+        }
+    }
+}
+
+/// One of cuBLASLt's algorithms for one GEMM problem, with its descriptors
+/// ([`Gpu::lt_choices`], [`Gpu::gemm_with`]).
+pub struct LtChoice {
+    key: Key,
+    plan: Plan,
+}
+
+// SAFETY: the descriptors are plain host structures, used on the GPU's one stream.
+unsafe impl Send for LtChoice {}
+unsafe impl Sync for LtChoice {}
+
 /// A GEMM problem's descriptors and algorithm; None: cuBLASLt has none, use cublasGemmEx.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
@@ -381,19 +410,7 @@ impl Lt {
     /// Run `s` through cuBLASLt in `mode`; false when cuBLASLt has no algorithm for it (the
     /// caller runs cublasGemmEx).
     pub(crate) fn gemm(&self, gpu: &Gpu, s: &GemmSpec, mode: GemmMode) -> Result<bool> {
-        let code = |d: DType| d as u8;
-        let key = Key {
-            m: s.m,
-            n: s.n,
-            k: s.k,
-            ta: s.a.trans,
-            tb: s.b.trans,
-            lds: [s.a.ld, s.b.ld, s.c.ld],
-            dtypes: [code(s.a.dtype), code(s.b.dtype), code(s.c.dtype)],
-            beta_zero: s.beta == 0.0,
-            align: [alignment(s.a.ptr), alignment(s.b.ptr), alignment(s.c.ptr)],
-            tuned: mode == GemmMode::LtTuned,
-        };
+        let key = Key::of(s, mode == GemmMode::LtTuned);
         let mut plans = self
             .plans
             .lock()
@@ -424,6 +441,35 @@ impl Lt {
             }
             None => Ok(false),
         }
+    }
+
+    /// cuBLASLt's first `count` algorithms for `s`, each with its own descriptors, for a
+    /// caller that times them in its own setting (a GEMM inside a loop that holds the GPU at
+    /// its power limit can rank them differently than one GEMM alone).
+    pub(crate) fn choices(&self, s: &GemmSpec, count: usize) -> Result<Vec<LtChoice>> {
+        let key = Key::of(s, true);
+        let plan = Lt::describe(s)?;
+        let algos = self.candidates(&plan, &key, count)?;
+        drop(plan);
+        algos
+            .into_iter()
+            .map(|algo| {
+                let mut plan = Lt::describe(s)?;
+                plan.algo = algo;
+                Ok(LtChoice { key, plan })
+            })
+            .collect()
+    }
+
+    /// Run `s` with a choice made for the same problem.
+    pub(crate) fn gemm_with(&self, gpu: &Gpu, s: &GemmSpec, c: &LtChoice) -> Result<()> {
+        if Key::of(s, true) != c.key {
+            return Err(KernelError::invalid(
+                "gemm",
+                format!("a cuBLASLt choice made for another problem: {s:?}"),
+            ));
+        }
+        self.launch(gpu, &c.plan, &c.plan.algo, s, s.c.ptr)
     }
 
     /// How many GEMM problems have a cuBLASLt plan, and how many went to cublasGemmEx.

@@ -184,6 +184,19 @@ impl Gpu {
             })
     }
 
+    /// cuBLASLt's first `count` algorithms for the GEMM `s`, for a caller that times them in
+    /// its own setting.
+    pub fn lt_choices(&self, s: &gemm::GemmSpec, count: usize) -> Result<Vec<gemm_lt::LtChoice>> {
+        self.lt()?.choices(s, count)
+    }
+
+    /// Run the GEMM `s` through cuBLASLt with `choice`, made by [`Gpu::lt_choices`] for the
+    /// same problem (sizes, layouts, dtypes, alignments).
+    pub fn gemm_with(&self, s: &gemm::GemmSpec, choice: &gemm_lt::LtChoice) -> Result<()> {
+        let _t = self.host_time(HostCall::Gemm);
+        self.lt()?.gemm_with(self, s, choice)
+    }
+
     /// GEMM problems with a cuBLASLt plan, and those cuBLASLt left to cublasGemmEx.
     pub fn lt_plan_counts(&self) -> (usize, usize) {
         match self.lt.get() {

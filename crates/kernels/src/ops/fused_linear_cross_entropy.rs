@@ -289,7 +289,11 @@ fn operand(ptr: u64, dtype: DType, ld: usize, trans: bool) -> Operand {
 impl ChunkGemms {
     /// logits[rows, V] = h W^T
     fn logits(&self, gpu: &Gpu) -> Result<()> {
-        gpu.gemm(&GemmSpec {
+        gpu.gemm(&self.logits_spec())
+    }
+
+    fn logits_spec(&self) -> GemmSpec {
+        GemmSpec {
             m: self.rows,
             n: self.v,
             k: self.hid,
@@ -299,12 +303,16 @@ impl ChunkGemms {
             alpha: 1.0,
             beta: 0.0,
             batch: 1,
-        })
+        }
     }
 
     /// dh[rows, H] = grad W, written at `dh`.
     fn dh(&self, gpu: &Gpu, dh: u64) -> Result<()> {
-        gpu.gemm(&GemmSpec {
+        gpu.gemm(&self.dh_spec(dh))
+    }
+
+    fn dh_spec(&self, dh: u64) -> GemmSpec {
+        GemmSpec {
             m: self.rows,
             n: self.hid,
             k: self.v,
@@ -314,7 +322,7 @@ impl ChunkGemms {
             alpha: 1.0,
             beta: 0.0,
             batch: 1,
-        })
+        }
     }
 
     /// dW[V, H] += grad^T h
@@ -622,10 +630,12 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     let three = 6.0 * (n * hid * v) as f64;
     let mut rows = Vec::new();
     // The default (256-token chunks: Liger's memory), larger chunks (memory for speed; 768
-    // tokens is the most whose logits and dh fit 256 MiB), and with dW.
+    // tokens is the most whose logits and dh fit 256 MiB; 752 splits 8192 tokens into 11
+    // chunks with no short last one), and with dW.
     for (variant, chunk, with_dw) in [
         ("fused", None, false),
         ("c512", Some(512), false),
+        ("c752", Some(752), false),
         ("c768", Some(768), false),
         ("c1024", Some(1024), false),
         ("fused+dW", None, true),
@@ -697,6 +707,9 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             })?);
             rows.extend(in_loop_parts(
                 gpu, cfg, &shape, chunk, &h, &w, &labels, &logits, &dh,
+            )?);
+            rows.extend(loop_algorithms(
+                gpu, cfg, &shape, chunk, &h, &w, &logits, &dh,
             )?);
         }
     }
@@ -797,6 +810,124 @@ fn in_loop_parts(
                 gbps / cfg.copy_gbps
             },
         });
+    }
+    Ok(rows)
+}
+
+/// Each chunk GEMM (logits, dh) run back to back over the whole chunks of a call (the
+/// GPU held at its power limit, as in the fused loop) with cublasGemmEx and with each of
+/// cuBLASLt's first 16 algorithms: whether another algorithm does more work per watt than
+/// the one that is fastest alone. Rows `c{chunk} loop-algo logits|dh cublas|lt#i`.
+#[allow(clippy::too_many_arguments)]
+fn loop_algorithms(
+    gpu: &Arc<Gpu>,
+    cfg: &BenchConfig,
+    shape: &str,
+    chunk: usize,
+    h: &Tensor,
+    w: &Tensor,
+    logits: &Tensor,
+    dh: &Tensor,
+) -> Result<Vec<BenchRow>> {
+    let (n, hid) = h.rows_cols();
+    let v = w.shape()[0];
+    let whole = n / chunk;
+    let gemms = |i: usize| ChunkGemms {
+        h: h.dptr() + (i * chunk * hid * 2) as u64,
+        w: w.dptr(),
+        logits: logits.dptr(),
+        dtype: DType::BF16,
+        rows: chunk,
+        hid,
+        v,
+    };
+    let flops = 2.0 * (whole * chunk * hid * v) as f64;
+    let mut rows = Vec::new();
+    // Per part: its choices and the index of the fastest in the loop (None: cublasGemmEx).
+    let mut winners = Vec::new();
+    for part in ["logits", "dh"] {
+        let spec = |i: usize| {
+            let g = gemms(i);
+            if part == "logits" {
+                g.logits_spec()
+            } else {
+                g.dh_spec(dh.dptr() + (i * chunk * hid * 2) as u64)
+            }
+        };
+        // Every chunk's spec has the same sizes and alignments, so one choice fits all.
+        let choices = gpu.lt_choices(&spec(0), 16)?;
+        let run = |variant: String, choice: Option<&crate::cuda::gemm_lt::LtChoice>| {
+            measure(gpu, cfg, OP, &variant, shape, 0.0, flops, || {
+                for i in 0..whole {
+                    match choice {
+                        Some(c) => gpu.gemm_with(&spec(i), c)?,
+                        None => gpu.gemm(&spec(i))?,
+                    }
+                }
+                Ok(())
+            })
+        };
+        let base = run(format!("c{chunk} loop-algo {part} cublas"), None)?;
+        let mut best = (base.median_ms, None);
+        rows.push(base);
+        for (i, c) in choices.iter().enumerate() {
+            match run(format!("c{chunk} loop-algo {part} lt#{i}"), Some(c)) {
+                Ok(row) => {
+                    if row.median_ms < best.0 {
+                        best = (row.median_ms, Some(i));
+                    }
+                    rows.push(row);
+                }
+                Err(e) => eprintln!("{part} lt#{i}: {e}"),
+            }
+        }
+        winners.push((choices, best.1));
+    }
+    // The whole loop (logits, cross-entropy, dh per chunk) with each part's winner.
+    let p = CrossEntropy::default();
+    let labels_dev = Tensor::from_i32(&[n], vec![0; n])?.to_device(&Device::Cuda(gpu.clone()))?;
+    let status = gpu_count_labels(gpu, labels_dev.dptr(), n, v, p.ignore_index)?;
+    let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
+    let label = |w: Option<usize>| w.map_or("cublas".to_string(), |i| format!("lt#{i}"));
+    // cublasGemmEx for both first (the same loop as the fused op's, whole chunks only).
+    for tuned in [false, true] {
+        let idx = |k: usize| if tuned { winners[k].1 } else { None };
+        let pick = |k: usize| idx(k).map(|i| &winners[k].0[i]);
+        let variant = format!("c{chunk} loop-algo all {}+{}", label(idx(0)), label(idx(1)));
+        rows.push(measure(
+            gpu,
+            cfg,
+            OP,
+            &variant,
+            shape,
+            0.0,
+            2.0 * flops,
+            || {
+                for i in 0..whole {
+                    let g = gemms(i);
+                    match pick(0) {
+                        Some(c) => gpu.gemm_with(&g.logits_spec(), c)?,
+                        None => g.logits(gpu)?,
+                    }
+                    let args = RowsArgs {
+                        logits: logits.dptr(),
+                        dtype: DType::BF16,
+                        labels: labels_dev.dptr() + (i * chunk * 4) as u64,
+                        row_loss: row_loss.dptr() + (i * chunk * 4) as u64,
+                        status: status.dptr(),
+                        rows: chunk,
+                        v,
+                    };
+                    gpu_rows(gpu, args, &p, true)?;
+                    let d = dh.dptr() + (i * chunk * hid * 2) as u64;
+                    match pick(1) {
+                        Some(c) => gpu.gemm_with(&g.dh_spec(d), c)?,
+                        None => g.dh(gpu, d)?,
+                    }
+                }
+                Ok(())
+            },
+        )?);
     }
     Ok(rows)
 }
