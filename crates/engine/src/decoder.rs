@@ -347,6 +347,7 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: None,
+            tune_gemms: false,
         };
         let out = self
             .fusion
@@ -453,6 +454,7 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: self.loss_chunk_tokens(),
+            tune_gemms: false,
         };
         let loss =
             self.fusion
