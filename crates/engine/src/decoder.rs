@@ -347,7 +347,6 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: None,
-            tune_gemms: false,
         };
         let out = self
             .fusion
@@ -454,7 +453,6 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: self.loss_chunk_tokens(),
-            tune_gemms: false,
         };
         let loss =
             self.fusion

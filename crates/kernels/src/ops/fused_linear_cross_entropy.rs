@@ -9,12 +9,11 @@
 //! Memory: one logits chunk (64 MiB by default) plus dh; no saved activations, since the
 //! backward is done in the forward.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
 use crate::check::{rel_err, CheckLine, GpuCheck};
 use crate::cuda::gemm::{GemmSpec, Operand};
-use crate::cuda::gemm_lt::LtChoice;
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::ops::cross_entropy::{
@@ -42,17 +41,7 @@ pub struct FusedLinearCrossEntropy {
     /// H100, 2026-11-23: 29.9 ms at 256 tokens, 28.6 ms at 512, 27.2 ms at 1024; with dW 59 ms
     /// at 512 and 46 ms at 1024).
     pub chunk_tokens: Option<usize>,
-    /// Choose the chunk GEMMs' algorithms by timing them as the loop runs them: back to
-    /// back, the H100 held at its power limit (there the algorithm fastest alone is not
-    /// always fastest). At the first call of each problem on a GPU, cublasGemmEx and
-    /// cuBLASLt's first [`TUNE_CANDIDATES`] algorithms each run the call's whole chunks a few
-    /// times (about a second at Llama-3 sizes); the winners are kept for the process. Calls
-    /// with fewer than two whole chunks are not tuned.
-    pub tune_gemms: bool,
 }
-
-/// cuBLASLt algorithms timed per chunk GEMM by [`FusedLinearCrossEntropy::tune_gemms`].
-pub const TUNE_CANDIDATES: usize = 16;
 
 pub struct FlceOut {
     /// f32 `[1]` on the inputs' device: sum of token losses / normalizer.
@@ -236,51 +225,19 @@ fn gpu_flce(
     let dh = Tensor::uninit_cuda(gpu, h.shape(), dt)?;
     let logits = Tensor::uninit_cuda(gpu, &[chunk, v], dt)?;
     let dw = dw.map(|t| (t.dptr(), t.dtype()));
-    let gemms_at = |start: usize| ChunkGemms {
-        h: h.dptr() + (start * hid * es) as u64,
-        w: w.dptr(),
-        logits: logits.dptr(),
-        dtype: dt,
-        rows: chunk.min(n - start),
-        hid,
-        v,
-    };
-    let tuned = if p.tune_gemms && n / chunk >= 2 {
-        let rows_args = |start: usize| RowsArgs {
-            logits: logits.dptr(),
-            dtype: dt,
-            labels: labels.dptr() + (start * 4) as u64,
-            row_loss: row_loss.dptr() + (start * 4) as u64,
-            status: status.dptr(),
-            rows: chunk,
-            v,
-        };
-        Some(tuned_choices(
-            gpu,
-            n / chunk,
-            chunk,
-            &gemms_at,
-            dh.dptr(),
-            &|start| gpu_rows(gpu, rows_args(start), &p.ce, true),
-        )?)
-    } else {
-        None
-    };
     let mut start = 0;
     while start < n {
         let rows = chunk.min(n - start);
-        let g = gemms_at(start);
-        // Tuned choices fit whole chunks only (a choice is made for one problem size).
-        let pick = |k: usize| {
-            tuned
-                .as_ref()
-                .filter(|_| rows == chunk)
-                .and_then(|t| t[k].clone())
+        let g = ChunkGemms {
+            h: h.dptr() + (start * hid * es) as u64,
+            w: w.dptr(),
+            logits: logits.dptr(),
+            dtype: dt,
+            rows,
+            hid,
+            v,
         };
-        match pick(0) {
-            Some(c) => gpu.gemm_with(&g.logits_spec(), &c)?,
-            None => g.logits(gpu)?,
-        }
+        g.logits(gpu)?;
         gpu_rows(
             gpu,
             RowsArgs {
@@ -295,11 +252,7 @@ fn gpu_flce(
             &p.ce,
             true,
         )?;
-        let dh_at = dh.dptr() + (start * hid * es) as u64;
-        match pick(1) {
-            Some(c) => gpu.gemm_with(&g.dh_spec(dh_at), &c)?,
-            None => g.dh(gpu, dh_at)?,
-        }
+        g.dh(gpu, dh.dptr() + (start * hid * es) as u64)?;
         if let Some((dw_ptr, dw_dt)) = dw {
             g.dw(gpu, dw_ptr, dw_dt)?;
         }
@@ -309,114 +262,6 @@ fn gpu_flce(
     let loss = gpu_reduce_loss(gpu, &row_loss, n, &status, p.ce.num_items)?;
     let n_valid = read_status(OP, &status, v, p.ce.ignore_index)?;
     Ok(FlceOut { loss, n_valid, dh })
-}
-
-/// The tuned algorithms of the logits and dh GEMMs (None: cublasGemmEx) of one problem.
-type Tuned = [Option<Arc<LtChoice>>; 2];
-
-/// Per GPU ordinal and chunk problem (the logits GEMM's spec sizes and alignments stand for
-/// both GEMMs: the dh GEMM's follow from them).
-static TUNED: Mutex<Vec<(usize, TuneKey, Tuned)>> = Mutex::new(Vec::new());
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct TuneKey {
-    rows: usize,
-    hid: usize,
-    v: usize,
-    dtype: DType,
-    whole: usize,
-    align: [u64; 3],
-}
-
-/// The chunk GEMMs' algorithms for this problem, tuned at its first call: for each GEMM,
-/// cublasGemmEx and each of cuBLASLt's first [`TUNE_CANDIDATES`] algorithms run the `whole`
-/// chunks back to back (one untimed pass, then the median of three), and the fastest is
-/// kept. The logits GEMM is tuned first; `ce(start)` then turns the last chunk's logits
-/// into a real gradient, so that the dh GEMM is timed on the data it will see (a GEMM's
-/// power, hence its speed at the power limit, depends on its data). Everything written
-/// here (the logits buffer, dh) is rewritten by the real loop afterwards.
-fn tuned_choices(
-    gpu: &Arc<Gpu>,
-    whole: usize,
-    chunk: usize,
-    gemms_at: &dyn Fn(usize) -> ChunkGemms,
-    dh: u64,
-    ce: &dyn Fn(usize) -> Result<()>,
-) -> Result<Tuned> {
-    let g0 = gemms_at(0);
-    let align = |p: u64| 1u64 << p.trailing_zeros().min(8);
-    let key = TuneKey {
-        rows: chunk,
-        hid: g0.hid,
-        v: g0.v,
-        dtype: g0.dtype,
-        whole,
-        align: [align(g0.h), align(g0.w), align(g0.logits) | align(dh) << 16],
-    };
-    let ordinal = gpu.ordinal();
-    let lookup = || -> Option<Tuned> {
-        let t = TUNED.lock().ok()?;
-        t.iter()
-            .find(|(o, k, _)| *o == ordinal && *k == key)
-            .map(|(_, _, c)| c.clone())
-    };
-    if let Some(t) = lookup() {
-        return Ok(t);
-    }
-    let es = g0.dtype.size_in_bytes();
-    let dh_at = |i: usize| dh + (i * chunk * g0.hid * es) as u64;
-    let spec = |part: usize, i: usize| {
-        let g = gemms_at(i * chunk);
-        if part == 0 {
-            g.logits_spec()
-        } else {
-            g.dh_spec(dh_at(i))
-        }
-    };
-    let mut tuned: Tuned = [None, None];
-    for (part, slot) in tuned.iter_mut().enumerate() {
-        if part == 1 {
-            ce((whole - 1) * chunk)?;
-        }
-        let choices = gpu.lt_choices(&spec(part, 0), TUNE_CANDIDATES)?;
-        let pass = |choice: Option<&LtChoice>| -> Result<()> {
-            for i in 0..whole {
-                match choice {
-                    Some(c) => gpu.gemm_with(&spec(part, i), c)?,
-                    None => gpu.gemm(&spec(part, i))?,
-                }
-            }
-            Ok(())
-        };
-        let time = |choice: Option<&LtChoice>| -> Result<f64> {
-            pass(choice)?;
-            let mut t = [0.0; 3];
-            for x in &mut t {
-                let start = gpu.mark()?;
-                pass(choice)?;
-                *x = gpu.mark()?.ms_since(&start)?;
-            }
-            t.sort_by(|a, b| a.total_cmp(b));
-            Ok(t[1])
-        };
-        let mut best = (time(None)?, None);
-        for (i, c) in choices.iter().enumerate() {
-            // An algorithm that cannot run this problem after all is skipped.
-            if let Ok(ms) = time(Some(c)) {
-                if ms < best.0 {
-                    best = (ms, Some(i));
-                }
-            }
-        }
-        *slot = best
-            .1
-            .and_then(|i| choices.into_iter().nth(i))
-            .map(Arc::new);
-    }
-    if let Ok(mut t) = TUNED.lock() {
-        t.push((ordinal, key, tuned.clone()));
-    }
-    Ok(tuned)
 }
 
 /// The three GEMMs of one chunk of `rows` tokens: device addresses of the chunk of h, the
@@ -634,17 +479,7 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         CrossEntropy,
         &'static str,
     );
-    let cases: [Case; 6] = [
-        (
-            DType::BF16,
-            520,
-            1024,
-            128256,
-            Some(256),
-            None,
-            d,
-            "tuned GEMMs, 2 whole chunks + 8",
-        ),
+    let cases: [Case; 5] = [
         (
             DType::BF16,
             256,
@@ -701,7 +536,6 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         let p = FusedLinearCrossEntropy {
             ce: ce_p,
             chunk_tokens: chunk,
-            tune_gemms: what.starts_with("tuned"),
         };
         let (h, gh) = uniform_pair(gpu, rng, &[n, hid], dt, 1.0)?;
         let (w, gw) = uniform_pair(gpu, rng, &[v, hid], dt, 0.05)?;
@@ -798,19 +632,17 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     // The default (256-token chunks: Liger's memory), larger chunks (memory for speed; 768
     // tokens is the most whose logits and dh fit 256 MiB; 752 splits 8192 tokens into 11
     // chunks with no short last one), and with dW.
-    for (variant, chunk, with_dw, tune_gemms) in [
-        ("fused", None, false, false),
-        ("c512", Some(512), false, false),
-        ("c752", Some(752), false, false),
-        ("c768", Some(768), false, false),
-        ("c768 tuned", Some(768), false, true),
-        ("c1024", Some(1024), false, false),
-        ("fused+dW", None, true, false),
-        ("c1024+dW", Some(1024), true, false),
+    for (variant, chunk, with_dw) in [
+        ("fused", None, false),
+        ("c512", Some(512), false),
+        ("c752", Some(752), false),
+        ("c768", Some(768), false),
+        ("c1024", Some(1024), false),
+        ("fused+dW", None, true),
+        ("c1024+dW", Some(1024), true),
     ] {
         let p = FusedLinearCrossEntropy {
             chunk_tokens: chunk,
-            tune_gemms,
             ..Default::default()
         };
         let flops = if with_dw { three } else { two };
@@ -1024,7 +856,7 @@ fn loop_algorithms(
         };
         // Every chunk's spec has the same sizes and alignments, so one choice fits all.
         let choices = gpu.lt_choices(&spec(0), 16)?;
-        let run = |variant: String, choice: Option<&LtChoice>| {
+        let run = |variant: String, choice: Option<&crate::cuda::gemm_lt::LtChoice>| {
             measure(gpu, cfg, OP, &variant, shape, 0.0, flops, || {
                 for i in 0..whole {
                     match choice {
@@ -1174,7 +1006,6 @@ mod tests {
                 let p = FusedLinearCrossEntropy {
                     ce: ce_p,
                     chunk_tokens: chunk,
-                    tune_gemms: false,
                 };
                 let mut dw = Tensor::from_f32(&[v, hid], vec![0.0; v * hid]).unwrap();
                 let out = fused_linear_cross_entropy(&h, &w, &labels, &p, Some(&mut dw)).unwrap();
