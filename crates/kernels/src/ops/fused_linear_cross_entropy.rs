@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::bench::{measure, BenchConfig, BenchRow, KernelBench};
 use crate::check::{rel_err, CheckLine, GpuCheck};
 use crate::cuda::gemm::{GemmSpec, Operand};
+use crate::cuda::gemm_lt::LtChoice;
 use crate::cuda::Gpu;
 use crate::error::{KernelError, Result};
 use crate::ops::cross_entropy::{
@@ -654,31 +655,41 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     }
     drop(dw);
     // The parts alone, at the default chunk and at 768 tokens: the two GEMMs, each GEMM, and
-    // (at 768) the cross-entropy pass over the chunks' logits: where the fused op's time goes.
-    let ce_params = FusedLinearCrossEntropy::default().ce;
+    // (at 768) the cross-entropy pass over the chunks' logits, the loop with marks and the
+    // loop with other GEMM algorithms: where the fused op's time goes.
     for (prefix, chunk) in [("", default_chunk_tokens(v, DType::BF16)), ("c768 ", 768)] {
         let logits = Tensor::uninit_cuda(gpu, &[chunk, v], DType::BF16)?;
         let dh = Tensor::uninit_cuda(gpu, &[n, hid], DType::BF16)?;
-        let gemms = |start: usize| ChunkGemms {
-            h: h.dptr() + (start * hid * 2) as u64,
-            w: w.dptr(),
-            logits: logits.dptr(),
-            dtype: DType::BF16,
-            rows: chunk.min(n - start),
-            hid,
-            v,
+        let lb = LoopBench {
+            status: gpu_count_labels(
+                gpu,
+                labels.dptr(),
+                n,
+                v,
+                CrossEntropy::default().ignore_index,
+            )?,
+            row_loss: Tensor::uninit_cuda(gpu, &[n], DType::F32)?,
+            gpu,
+            cfg,
+            shape: &shape,
+            chunk,
+            h: &h,
+            w: &w,
+            labels: &labels,
+            logits: &logits,
+            dh: &dh,
         };
         for (part, which) in [("gemms", 3), ("g-logits", 1), ("g-dh", 2)] {
             let flops = if which == 3 { two } else { two / 2.0 };
             let variant = format!("{prefix}{part}");
             rows.push(measure(gpu, cfg, OP, &variant, &shape, 0.0, flops, || {
                 for start in (0..n).step_by(chunk) {
-                    let g = gemms(start);
+                    let (g, dh) = lb.gemms(start);
                     if which & 1 != 0 {
                         g.logits(gpu)?;
                     }
                     if which & 2 != 0 {
-                        g.dh(gpu, dh.dptr() + (start * hid * 2) as u64)?;
+                        g.dh(gpu, dh)?;
                     }
                 }
                 Ok(())
@@ -687,30 +698,15 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         if !prefix.is_empty() {
             // Reads and rewrites each chunk's logits once from memory: 2 x 2 bytes x n x v.
             let bytes = 4.0 * (n * v) as f64;
-            let status = gpu_count_labels(gpu, labels.dptr(), n, v, ce_params.ignore_index)?;
-            let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
             let variant = format!("{prefix}ce");
             rows.push(measure(gpu, cfg, OP, &variant, &shape, bytes, 0.0, || {
                 for start in (0..n).step_by(chunk) {
-                    let args = RowsArgs {
-                        logits: logits.dptr(),
-                        dtype: DType::BF16,
-                        labels: labels.dptr() + (start * 4) as u64,
-                        row_loss: row_loss.dptr() + (start * 4) as u64,
-                        status: status.dptr(),
-                        rows: chunk.min(n - start),
-                        v,
-                    };
-                    gpu_rows(gpu, args, &ce_params, true)?;
+                    lb.ce(start, chunk.min(n - start))?;
                 }
                 Ok(())
             })?);
-            rows.extend(in_loop_parts(
-                gpu, cfg, &shape, chunk, &h, &w, &labels, &logits, &dh,
-            )?);
-            rows.extend(loop_algorithms(
-                gpu, cfg, &shape, chunk, &h, &w, &logits, &dh,
-            )?);
+            rows.extend(lb.in_loop_parts()?);
+            rows.extend(lb.loop_algorithms()?);
         }
     }
     let p = FusedLinearCrossEntropy::default();
@@ -721,83 +717,58 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     Ok(rows)
 }
 
-/// The chunk loop as the fused op runs it, with a mark between every two kernels: each
-/// part's device time summed over the chunks (median over `cfg.runs` loops) and the whole
-/// loop's, so that a part slower inside the loop than alone shows, and so does time between
-/// the parts. Rows `c{chunk} loop logits|ce|dh|all`.
-#[allow(clippy::too_many_arguments)]
-fn in_loop_parts(
-    gpu: &Arc<Gpu>,
-    cfg: &BenchConfig,
-    shape: &str,
+/// What the chunk-loop benchmarks share: bf16 inputs, one logits chunk, dh, and the
+/// cross-entropy's label count and row losses.
+struct LoopBench<'a> {
+    gpu: &'a Arc<Gpu>,
+    cfg: &'a BenchConfig,
+    shape: &'a str,
     chunk: usize,
-    h: &Tensor,
-    w: &Tensor,
-    labels: &Tensor,
-    logits: &Tensor,
-    dh: &Tensor,
-) -> Result<Vec<BenchRow>> {
-    let (n, hid) = h.rows_cols();
-    let v = w.shape()[0];
-    let p = CrossEntropy::default();
-    let status = gpu_count_labels(gpu, labels.dptr(), n, v, p.ignore_index)?;
-    let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
-    // Per run: [logits, ce, dh, whole loop] in ms.
-    let mut runs: Vec<[f64; 4]> = Vec::new();
-    for run in 0..cfg.warmup + cfg.runs.max(1) {
-        let mut marks = vec![gpu.mark()?];
-        for start in (0..n).step_by(chunk) {
-            let g = ChunkGemms {
-                h: h.dptr() + (start * hid * 2) as u64,
-                w: w.dptr(),
-                logits: logits.dptr(),
-                dtype: DType::BF16,
-                rows: chunk.min(n - start),
-                hid,
-                v,
-            };
-            g.logits(gpu)?;
-            marks.push(gpu.mark()?);
-            let args = RowsArgs {
-                logits: logits.dptr(),
-                dtype: DType::BF16,
-                labels: labels.dptr() + (start * 4) as u64,
-                row_loss: row_loss.dptr() + (start * 4) as u64,
-                status: status.dptr(),
-                rows: g.rows,
-                v,
-            };
-            gpu_rows(gpu, args, &p, true)?;
-            marks.push(gpu.mark()?);
-            g.dh(gpu, dh.dptr() + (start * hid * 2) as u64)?;
-            marks.push(gpu.mark()?);
-        }
-        let mut sums = [0.0; 4];
-        for (i, pair) in marks.windows(2).enumerate() {
-            sums[i % 3] += pair[1].ms_since(&pair[0])?;
-        }
-        sums[3] = marks[marks.len() - 1].ms_since(&marks[0])?;
-        if run >= cfg.warmup {
-            runs.push(sums);
-        }
+    h: &'a Tensor,
+    w: &'a Tensor,
+    labels: &'a Tensor,
+    logits: &'a Tensor,
+    dh: &'a Tensor,
+    status: Tensor,
+    row_loss: Tensor,
+}
+
+impl LoopBench<'_> {
+    /// The chunk starting at token `start`: its GEMMs, and where its dh rows go.
+    fn gemms(&self, start: usize) -> (ChunkGemms, u64) {
+        let (n, hid) = self.h.rows_cols();
+        let g = ChunkGemms {
+            h: self.h.dptr() + (start * hid * 2) as u64,
+            w: self.w.dptr(),
+            logits: self.logits.dptr(),
+            dtype: DType::BF16,
+            rows: self.chunk.min(n - start),
+            hid,
+            v: self.w.shape()[0],
+        };
+        (g, self.dh.dptr() + (start * hid * 2) as u64)
     }
-    let gemm_flops = 2.0 * (n * hid * v) as f64;
-    let parts = [
-        ("logits", gemm_flops, 0.0),
-        ("ce", 0.0, 4.0 * (n * v) as f64),
-        ("dh", gemm_flops, 0.0),
-        ("all", 2.0 * gemm_flops, 0.0),
-    ];
-    let mut rows = Vec::new();
-    for (i, (part, flops, bytes)) in parts.into_iter().enumerate() {
-        let mut t: Vec<f64> = runs.iter().map(|r| r[i]).collect();
-        t.sort_by(|a, b| a.total_cmp(b));
-        let ms = t[t.len() / 2];
+
+    /// The cross-entropy pass over the chunk at `start` (default parameters, in place).
+    fn ce(&self, start: usize, rows: usize) -> Result<()> {
+        let args = RowsArgs {
+            logits: self.logits.dptr(),
+            dtype: DType::BF16,
+            labels: self.labels.dptr() + (start * 4) as u64,
+            row_loss: self.row_loss.dptr() + (start * 4) as u64,
+            status: self.status.dptr(),
+            rows,
+            v: self.w.shape()[0],
+        };
+        gpu_rows(self.gpu, args, &CrossEntropy::default(), true)
+    }
+
+    fn row(&self, variant: String, ms: f64, flops: f64, bytes: f64) -> BenchRow {
         let (tflops, gbps) = (flops / ms / 1e9, bytes / ms / 1e6);
-        rows.push(BenchRow {
+        BenchRow {
             op: OP.into(),
-            variant: format!("c{chunk} loop {part}"),
-            shape: shape.into(),
+            variant,
+            shape: self.shape.into(),
             median_ms: ms,
             peak_extra_mib: 0.0,
             floor_bytes: bytes,
@@ -805,134 +776,143 @@ fn in_loop_parts(
             gbps,
             tflops,
             frac_of_ceiling: if flops > 0.0 {
-                tflops / cfg.gemm_tflops
+                tflops / self.cfg.gemm_tflops
             } else {
-                gbps / cfg.copy_gbps
+                gbps / self.cfg.copy_gbps
             },
-        });
+        }
     }
-    Ok(rows)
-}
 
-/// Each chunk GEMM (logits, dh) run back to back over the whole chunks of a call (the
-/// GPU held at its power limit, as in the fused loop) with cublasGemmEx and with each of
-/// cuBLASLt's first 16 algorithms (it offered 8 on the H100): whether another algorithm does
-/// more work per watt than the one that is fastest alone. Rows `c{chunk} loop-algo
-/// logits|dh cublas|lt#i`, then the whole loop with cublasGemmEx and with each part's
-/// winner (`loop-algo all`). On the H100 (session 8) the winners saved 0.4-0.6 ms each alone
-/// and 0.17 ms of 25.3 together: at the power cap what one GEMM saves the next one pays.
-#[allow(clippy::too_many_arguments)]
-fn loop_algorithms(
-    gpu: &Arc<Gpu>,
-    cfg: &BenchConfig,
-    shape: &str,
-    chunk: usize,
-    h: &Tensor,
-    w: &Tensor,
-    logits: &Tensor,
-    dh: &Tensor,
-) -> Result<Vec<BenchRow>> {
-    let (n, hid) = h.rows_cols();
-    let v = w.shape()[0];
-    let whole = n / chunk;
-    let gemms = |i: usize| ChunkGemms {
-        h: h.dptr() + (i * chunk * hid * 2) as u64,
-        w: w.dptr(),
-        logits: logits.dptr(),
-        dtype: DType::BF16,
-        rows: chunk,
-        hid,
-        v,
-    };
-    let flops = 2.0 * (whole * chunk * hid * v) as f64;
-    let mut rows = Vec::new();
-    // Per part: its choices and the index of the fastest in the loop (None: cublasGemmEx).
-    let mut winners = Vec::new();
-    for part in ["logits", "dh"] {
-        let spec = |i: usize| {
-            let g = gemms(i);
-            if part == "logits" {
-                g.logits_spec()
-            } else {
-                g.dh_spec(dh.dptr() + (i * chunk * hid * 2) as u64)
+    /// The chunk loop as the fused op runs it, with a mark between every two kernels: each
+    /// part's device time summed over the chunks (median over `cfg.runs` loops) and the
+    /// whole loop's, so that a part slower inside the loop than alone shows, and so does
+    /// time between the parts. Rows `c{chunk} loop logits|ce|dh|all`.
+    fn in_loop_parts(&self) -> Result<Vec<BenchRow>> {
+        let (gpu, cfg) = (self.gpu, self.cfg);
+        let (n, hid) = self.h.rows_cols();
+        let v = self.w.shape()[0];
+        // Per run: [logits, ce, dh, whole loop] in ms.
+        let mut runs: Vec<[f64; 4]> = Vec::new();
+        for run in 0..cfg.warmup + cfg.runs.max(1) {
+            let mut marks = vec![gpu.mark()?];
+            for start in (0..n).step_by(self.chunk) {
+                let (g, dh) = self.gemms(start);
+                g.logits(gpu)?;
+                marks.push(gpu.mark()?);
+                self.ce(start, g.rows)?;
+                marks.push(gpu.mark()?);
+                g.dh(gpu, dh)?;
+                marks.push(gpu.mark()?);
             }
-        };
-        // Every chunk's spec has the same sizes and alignments, so one choice fits all.
-        let choices = gpu.lt_choices(&spec(0), 16)?;
-        let run = |variant: String, choice: Option<&crate::cuda::gemm_lt::LtChoice>| {
-            measure(gpu, cfg, OP, &variant, shape, 0.0, flops, || {
-                for i in 0..whole {
-                    match choice {
-                        Some(c) => gpu.gemm_with(&spec(i), c)?,
-                        None => gpu.gemm(&spec(i))?,
-                    }
-                }
-                Ok(())
-            })
-        };
-        let base = run(format!("c{chunk} loop-algo {part} cublas"), None)?;
-        let mut best = (base.median_ms, None);
-        rows.push(base);
-        for (i, c) in choices.iter().enumerate() {
-            match run(format!("c{chunk} loop-algo {part} lt#{i}"), Some(c)) {
-                Ok(row) => {
-                    if row.median_ms < best.0 {
-                        best = (row.median_ms, Some(i));
-                    }
-                    rows.push(row);
-                }
-                Err(e) => eprintln!("{part} lt#{i}: {e}"),
+            let mut sums = [0.0; 4];
+            for (i, pair) in marks.windows(2).enumerate() {
+                sums[i % 3] += pair[1].ms_since(&pair[0])?;
+            }
+            sums[3] = marks[marks.len() - 1].ms_since(&marks[0])?;
+            if run >= cfg.warmup {
+                runs.push(sums);
             }
         }
-        winners.push((choices, best.1));
+        let gemm_flops = 2.0 * (n * hid * v) as f64;
+        let parts = [
+            ("logits", gemm_flops, 0.0),
+            ("ce", 0.0, 4.0 * (n * v) as f64),
+            ("dh", gemm_flops, 0.0),
+            ("all", 2.0 * gemm_flops, 0.0),
+        ];
+        let mut rows = Vec::new();
+        for (i, (part, flops, bytes)) in parts.into_iter().enumerate() {
+            let mut t: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+            t.sort_by(|a, b| a.total_cmp(b));
+            let variant = format!("c{} loop {part}", self.chunk);
+            rows.push(self.row(variant, t[t.len() / 2], flops, bytes));
+        }
+        Ok(rows)
     }
-    // The whole loop (logits, cross-entropy, dh per chunk) with each part's winner.
-    let p = CrossEntropy::default();
-    let labels_dev = Tensor::from_i32(&[n], vec![0; n])?.to_device(&Device::Cuda(gpu.clone()))?;
-    let status = gpu_count_labels(gpu, labels_dev.dptr(), n, v, p.ignore_index)?;
-    let row_loss = Tensor::uninit_cuda(gpu, &[n], DType::F32)?;
-    let label = |w: Option<usize>| w.map_or("cublas".to_string(), |i| format!("lt#{i}"));
-    // cublasGemmEx for both first (the same loop as the fused op's, whole chunks only).
-    for tuned in [false, true] {
-        let idx = |k: usize| if tuned { winners[k].1 } else { None };
-        let pick = |k: usize| idx(k).map(|i| &winners[k].0[i]);
-        let variant = format!("c{chunk} loop-algo all {}+{}", label(idx(0)), label(idx(1)));
-        rows.push(measure(
-            gpu,
-            cfg,
-            OP,
-            &variant,
-            shape,
-            0.0,
-            2.0 * flops,
-            || {
+
+    /// Each chunk GEMM (logits, dh) run back to back over the whole chunks of a call (the
+    /// GPU held at its power limit, as in the fused loop) with cublasGemmEx and with each of
+    /// cuBLASLt's first 16 algorithms (it offered 8 on the H100): whether another algorithm
+    /// does more work per watt than the one that is fastest alone. Rows `c{chunk} loop-algo
+    /// logits|dh cublas|lt#i`, then the whole loop with cublasGemmEx and with each part's
+    /// winner (`loop-algo all`). On the H100 (session 8) the winners saved 0.4-0.6 ms each
+    /// alone and 0.17 ms of 25.3 together: at the power cap what one GEMM saves the next
+    /// one pays.
+    fn loop_algorithms(&self) -> Result<Vec<BenchRow>> {
+        let (gpu, cfg, chunk) = (self.gpu, self.cfg, self.chunk);
+        let (n, hid) = self.h.rows_cols();
+        let v = self.w.shape()[0];
+        let whole = n / chunk;
+        let flops = 2.0 * (whole * chunk * hid * v) as f64;
+        let measure_loop = |variant: String, flops: f64, f: &dyn Fn() -> Result<()>| {
+            measure(gpu, cfg, OP, &variant, self.shape, 0.0, flops, f)
+        };
+        let mut rows = Vec::new();
+        // Per part: its choices and the index of the fastest in the loop (None: cublasGemmEx).
+        let mut winners = Vec::new();
+        for part in ["logits", "dh"] {
+            let spec = |i: usize| {
+                let (g, dh) = self.gemms(i * chunk);
+                if part == "logits" {
+                    g.logits_spec()
+                } else {
+                    g.dh_spec(dh)
+                }
+            };
+            // Every chunk's spec has the same sizes and alignments, so one choice fits all.
+            let choices = gpu.lt_choices(&spec(0), 16)?;
+            let run = |variant: String, choice: Option<&LtChoice>| {
+                measure_loop(variant, flops, &|| {
+                    for i in 0..whole {
+                        match choice {
+                            Some(c) => gpu.gemm_with(&spec(i), c)?,
+                            None => gpu.gemm(&spec(i))?,
+                        }
+                    }
+                    Ok(())
+                })
+            };
+            let base = run(format!("c{chunk} loop-algo {part} cublas"), None)?;
+            let mut best = (base.median_ms, None);
+            rows.push(base);
+            for (i, c) in choices.iter().enumerate() {
+                match run(format!("c{chunk} loop-algo {part} lt#{i}"), Some(c)) {
+                    Ok(row) => {
+                        if row.median_ms < best.0 {
+                            best = (row.median_ms, Some(i));
+                        }
+                        rows.push(row);
+                    }
+                    Err(e) => eprintln!("{part} lt#{i}: {e}"),
+                }
+            }
+            winners.push((choices, best.1));
+        }
+        // The whole loop (logits, cross-entropy, dh per whole chunk), cublasGemmEx for both
+        // first, then each part's winner.
+        let label = |w: Option<usize>| w.map_or("cublas".to_string(), |i| format!("lt#{i}"));
+        for tuned in [false, true] {
+            let idx = |k: usize| if tuned { winners[k].1 } else { None };
+            let pick = |k: usize| idx(k).map(|i| &winners[k].0[i]);
+            let variant = format!("c{chunk} loop-algo all {}+{}", label(idx(0)), label(idx(1)));
+            rows.push(measure_loop(variant, 2.0 * flops, &|| {
                 for i in 0..whole {
-                    let g = gemms(i);
+                    let (g, dh) = self.gemms(i * chunk);
                     match pick(0) {
                         Some(c) => gpu.gemm_with(&g.logits_spec(), c)?,
                         None => g.logits(gpu)?,
                     }
-                    let args = RowsArgs {
-                        logits: logits.dptr(),
-                        dtype: DType::BF16,
-                        labels: labels_dev.dptr() + (i * chunk * 4) as u64,
-                        row_loss: row_loss.dptr() + (i * chunk * 4) as u64,
-                        status: status.dptr(),
-                        rows: chunk,
-                        v,
-                    };
-                    gpu_rows(gpu, args, &p, true)?;
-                    let d = dh.dptr() + (i * chunk * hid * 2) as u64;
+                    self.ce(i * chunk, chunk)?;
                     match pick(1) {
-                        Some(c) => gpu.gemm_with(&g.dh_spec(d), c)?,
-                        None => g.dh(gpu, d)?,
+                        Some(c) => gpu.gemm_with(&g.dh_spec(dh), c)?,
+                        None => g.dh(gpu, dh)?,
                     }
                 }
                 Ok(())
-            },
-        )?);
+            })?);
+        }
+        Ok(rows)
     }
-    Ok(rows)
 }
 
 #[cfg(test)]
