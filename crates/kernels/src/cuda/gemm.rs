@@ -78,6 +78,29 @@ pub struct GemmSpec {
     pub batch: usize,
 }
 
+impl GemmSpec {
+    /// Whether there is anything to compute (an empty output is not an error), or an error
+    /// when a dimension exceeds what cuBLAS takes.
+    pub(crate) fn has_work(&self) -> Result<bool> {
+        if self.m == 0 || self.n == 0 {
+            return Ok(false);
+        }
+        let too_big = |x: usize| x > i32::MAX as usize;
+        if [
+            self.m, self.n, self.k, self.a.ld, self.b.ld, self.c.ld, self.batch,
+        ]
+        .iter()
+        .any(|&x| too_big(x))
+        {
+            return Err(KernelError::invalid(
+                "gemm",
+                format!("dimensions exceed cuBLAS's 32-bit limit: {self:?}"),
+            ));
+        }
+        Ok(true)
+    }
+}
+
 fn op(trans: bool) -> sys::cublasOperation_t {
     if trans {
         sys::cublasOperation_t::CUBLAS_OP_T
@@ -89,18 +112,8 @@ fn op(trans: bool) -> sys::cublasOperation_t {
 impl Gpu {
     /// Issue one (strided-batched) GEMM on the stream.
     pub fn gemm(&self, s: &GemmSpec) -> Result<()> {
-        if s.m == 0 || s.n == 0 {
+        if !s.has_work()? {
             return Ok(());
-        }
-        let too_big = |x: usize| x > i32::MAX as usize;
-        if [s.m, s.n, s.k, s.a.ld, s.b.ld, s.c.ld, s.batch]
-            .iter()
-            .any(|&x| too_big(x))
-        {
-            return Err(KernelError::invalid(
-                "gemm",
-                format!("dimensions exceed cuBLAS's 32-bit limit: {s:?}"),
-            ));
         }
         let _t = self.host_time(super::HostCall::Gemm);
         let mode = self.gemm_mode();

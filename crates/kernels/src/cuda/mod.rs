@@ -193,6 +193,9 @@ impl Gpu {
     /// Run the GEMM `s` through cuBLASLt with `choice`, made by [`Gpu::lt_choices`] for the
     /// same problem (sizes, layouts, dtypes, alignments).
     pub fn gemm_with(&self, s: &gemm::GemmSpec, choice: &gemm_lt::LtChoice) -> Result<()> {
+        if !s.has_work()? {
+            return Ok(());
+        }
         let _t = self.host_time(HostCall::Gemm);
         self.lt()?.gemm_with(self, s, choice)
     }
