@@ -58,26 +58,43 @@ pub fn measure<F: FnMut() -> Result<()>>(
     gpu.synchronize()?;
     let peak_extra = gpu.peak_bytes().saturating_sub(base);
     let t = gpu.time(cfg.warmup, cfg.runs, &mut f)?;
-    let secs = t.median_ms / 1e3;
-    let gbps = floor_bytes / secs / 1e9;
-    let tflops = flops / secs / 1e12;
-    let frac = if flops > 0.0 {
-        tflops / cfg.gemm_tflops
-    } else {
-        gbps / cfg.copy_gbps
-    };
-    Ok(BenchRow {
-        op: op.into(),
-        variant: variant.into(),
-        shape: shape.into(),
-        median_ms: t.median_ms,
-        peak_extra_mib: peak_extra as f64 / 1048576.0,
-        floor_bytes,
-        flops,
-        gbps,
-        tflops,
-        frac_of_ceiling: frac,
-    })
+    let mut row = BenchRow::timed(cfg, op, variant, shape, t.median_ms, floor_bytes, flops);
+    row.peak_extra_mib = peak_extra as f64 / 1048576.0;
+    Ok(row)
+}
+
+impl BenchRow {
+    /// A row for `median_ms` of device time (timed by the caller), its rates against
+    /// `cfg`'s ceilings; no peak memory.
+    pub fn timed(
+        cfg: &BenchConfig,
+        op: &str,
+        variant: &str,
+        shape: &str,
+        median_ms: f64,
+        floor_bytes: f64,
+        flops: f64,
+    ) -> BenchRow {
+        let secs = median_ms / 1e3;
+        let gbps = floor_bytes / secs / 1e9;
+        let tflops = flops / secs / 1e12;
+        BenchRow {
+            op: op.into(),
+            variant: variant.into(),
+            shape: shape.into(),
+            median_ms,
+            peak_extra_mib: 0.0,
+            floor_bytes,
+            flops,
+            gbps,
+            tflops,
+            frac_of_ceiling: if flops > 0.0 {
+                tflops / cfg.gemm_tflops
+            } else {
+                gbps / cfg.copy_gbps
+            },
+        }
+    }
 }
 
 /// One op's benchmark: returns its fused row and its unfused row (and any variants).

@@ -763,26 +763,6 @@ impl LoopBench<'_> {
         gpu_rows(self.gpu, args, &CrossEntropy::default(), true)
     }
 
-    fn row(&self, variant: String, ms: f64, flops: f64, bytes: f64) -> BenchRow {
-        let (tflops, gbps) = (flops / ms / 1e9, bytes / ms / 1e6);
-        BenchRow {
-            op: OP.into(),
-            variant,
-            shape: self.shape.into(),
-            median_ms: ms,
-            peak_extra_mib: 0.0,
-            floor_bytes: bytes,
-            flops,
-            gbps,
-            tflops,
-            frac_of_ceiling: if flops > 0.0 {
-                tflops / self.cfg.gemm_tflops
-            } else {
-                gbps / self.cfg.copy_gbps
-            },
-        }
-    }
-
     /// The chunk loop as the fused op runs it, with a mark between every two kernels: each
     /// part's device time summed over the chunks (median over `cfg.runs` loops) and the
     /// whole loop's, so that a part slower inside the loop than alone shows, and so does
@@ -825,7 +805,10 @@ impl LoopBench<'_> {
             let mut t: Vec<f64> = runs.iter().map(|r| r[i]).collect();
             t.sort_by(|a, b| a.total_cmp(b));
             let variant = format!("c{} loop {part}", self.chunk);
-            rows.push(self.row(variant, t[t.len() / 2], flops, bytes));
+            let ms = t[t.len() / 2];
+            rows.push(BenchRow::timed(
+                self.cfg, OP, &variant, self.shape, ms, bytes, flops,
+            ));
         }
         Ok(rows)
     }
@@ -876,14 +859,12 @@ impl LoopBench<'_> {
             let mut best = (base.median_ms, None);
             rows.push(base);
             for (i, c) in choices.iter().enumerate() {
-                match run(format!("c{chunk} loop-algo {part} lt#{i}"), Some(c)) {
-                    Ok(row) => {
-                        if row.median_ms < best.0 {
-                            best = (row.median_ms, Some(i));
-                        }
-                        rows.push(row);
+                // An algorithm that cannot run the problem after all gets no row.
+                if let Ok(row) = run(format!("c{chunk} loop-algo {part} lt#{i}"), Some(c)) {
+                    if row.median_ms < best.0 {
+                        best = (row.median_ms, Some(i));
                     }
-                    Err(e) => eprintln!("{part} lt#{i}: {e}"),
+                    rows.push(row);
                 }
             }
             winners.push((choices, best.1));

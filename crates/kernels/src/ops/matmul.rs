@@ -400,30 +400,13 @@ fn check_mode(gpu: &Arc<Gpu>, rng: &mut Rng, mode: &str) -> Result<Vec<CheckLine
     let (a, ga) = random_pair(gpu, rng, &[m, k + 3], DType::BF16, 1.0)?;
     let (b, gb) = random_pair(gpu, rng, &[n + 5, k], DType::BF16, 1.0)?;
     let (mut c, mut gc) = random_pair(gpu, rng, &[m, n + 7], DType::F32, 1.0)?;
-    let cpu = None;
-    let dev = Some(gpu.clone());
-    gemm_cols(
-        &cpu,
-        Cols::of(&a, 3, k),
-        false,
-        Cols::rows(&b, 5, n),
-        true,
-        &mut c,
-        7,
-        1.0,
-        1.0,
-    )?;
-    gemm_cols(
-        &dev,
-        Cols::of(&ga, 3, k),
-        false,
-        Cols::rows(&gb, 5, n),
-        true,
-        &mut gc,
-        7,
-        1.0,
-        1.0,
-    )?;
+    for (dev, a, b, c) in [
+        (None, &a, &b, &mut c),
+        (Some(gpu.clone()), &ga, &gb, &mut gc),
+    ] {
+        let (a, b) = (Cols::of(a, 3, k), Cols::rows(b, 5, n));
+        gemm_cols(&dev, a, false, b, true, c, 7, 1.0, 1.0)?;
+    }
     let case = format!("{mode} bf16 blocks {m}x{n}x{k} at odd offsets, beta=1");
     lines.push(compare("matmul", &case, "c", &gc, &c)?);
     Ok(lines)
