@@ -339,14 +339,14 @@ impl Decoder {
     /// never stored, and no LoRA gradient is touched.
     pub fn eval_loss(&self, batch: &Batch) -> Result<(f64, usize)> {
         let h = self.hidden(batch)?;
-        let targets =
-            Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
+        let targets = Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?;
         let p = FusedLinearCrossEntropy {
             ce: CrossEntropy {
                 num_items: Some(1.0),
                 ..CrossEntropy::default()
             },
             chunk_tokens: None,
+            skip_ignored: true,
         };
         let out = self
             .fusion
@@ -445,14 +445,16 @@ impl Decoder {
         let fin = self
             .fusion
             .rms_norm_forward(&last, &self.weights.norm, self.norm())?;
-        let targets =
-            Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?.to_device(&self.device)?;
+        // On the host: the loss computes only the labelled rows (a prompt's tokens, each
+        // document's last) and checks the labels there, with no wait for the device.
+        let targets = Tensor::from_i32(&[batch.tokens()], batch.targets.clone())?;
         let p = FusedLinearCrossEntropy {
             ce: CrossEntropy {
                 num_items,
                 ..CrossEntropy::default()
             },
             chunk_tokens: self.loss_chunk_tokens(),
+            skip_ignored: true,
         };
         let loss =
             self.fusion

@@ -6,7 +6,16 @@
 //! on the device before the loop) or `num_items`; the loop has no host synchronisation, and
 //! the bad-label flag is read once at the end.
 //!
-//! Memory: one logits chunk (64 MiB by default) plus dh; no saved activations, since the
+//! With `skip_ignored` the chunks hold only the rows whose label is not `ignore_index`: a
+//! row without a label adds nothing to the loss and its gradient is zero, so its two GEMM
+//! rows are wasted work (the prompt of an instruction-tuning example, a packed document's
+//! last token). The labels are then read on the host (no wait when they are there already),
+//! which also replaces the device's label check and its wait at the end. A chunk whose rows
+//! are consecutive in `h` is used in place; any other is gathered into a chunk buffer and
+//! its gradient scattered back (`index_rows`).
+//!
+//! Memory: one logits chunk (64 MiB by default) plus dh, and with `skip_ignored` two
+//! `[chunk, hidden]` buffers when some chunk is gathered; no saved activations, since the
 //! backward is done in the forward.
 
 use std::sync::Arc;
@@ -22,6 +31,7 @@ use crate::ops::cross_entropy::{
     gpu_reduce_loss, gpu_rows, inv_normalizer, read_status, CrossEntropy, RowsArgs,
 };
 use crate::ops::eager::{self, BinaryOp, Broadcast};
+use crate::ops::index_rows::{cpu_copy_rows, gpu_copy_rows, RowCopy};
 use crate::ops::matmul::{cpu_matmul, matmul, transpose};
 use crate::rng::Rng;
 use crate::{DType, Device, Tensor};
@@ -42,6 +52,11 @@ pub struct FusedLinearCrossEntropy {
     /// H100, 2026-11-23: 29.9 ms at 256 tokens, 28.6 ms at 512, 27.2 ms at 1024; with dW 59 ms
     /// at 512 and 46 ms at 1024).
     pub chunk_tokens: Option<usize>,
+    /// Compute only the rows whose label is not `ignore_index` (same results: those rows'
+    /// loss and gradient are zero). The labels are read on the host: give them there
+    /// (a CPU tensor, also when `h` is on a GPU) to avoid a wait for the device. Off by
+    /// default, so that device labels never cost a wait unless asked.
+    pub skip_ignored: bool,
 }
 
 pub struct FlceOut {
@@ -74,7 +89,8 @@ pub fn chunk_tokens_within(bytes: usize, vocab: usize, dtype: DType) -> usize {
 /// Loss of `labels` under the logits `h W^T`, with `dh` and optionally `dW += ...` (`dw`
 /// is f32 or bf16 `[vocab, hidden]`, accumulated into: zero it to get the gradient alone).
 /// `h` is `[.., hidden]` (leading dims are tokens), `w` the lm_head weight `[vocab, hidden]`
-/// in h's dtype, `labels` i32 with h's leading dims. The gradients are scaled like
+/// in h's dtype, `labels` i32 with h's leading dims, on h's device or on the host (uploaded,
+/// or read there with `skip_ignored`). The gradients are scaled like
 /// [`cross_entropy_forward_backward`](ce::cross_entropy_forward_backward)'s.
 pub fn fused_linear_cross_entropy(
     h: &Tensor,
@@ -102,8 +118,8 @@ pub fn fused_linear_cross_entropy(
 /// (one kernel per torch op, see `cross_entropy`'s eager composition: ignore_index,
 /// `num_items`, smoothing, z-loss and soft-cap as the fused op), then the two gradient GEMMs
 /// `dh = grad W` and, when `dw` is given, `grad^T h` added to it by a separate add.
-/// `chunk_tokens` is not used (one chunk of everything). Same outputs; on the CPU this runs
-/// the reference.
+/// `chunk_tokens` and `skip_ignored` are not used (one chunk of every row). Same outputs;
+/// on the CPU this runs the reference.
 pub fn linear_cross_entropy_unfused(
     h: &Tensor,
     w: &Tensor,
@@ -115,6 +131,13 @@ pub fn linear_cross_entropy_unfused(
         return fused_linear_cross_entropy(h, w, labels, p, dw);
     }
     let dt = h.dtype();
+    let uploaded;
+    let labels = if labels.is_cuda() {
+        labels
+    } else {
+        uploaded = labels.to_device(&h.device())?;
+        &uploaded
+    };
     let logits = matmul(h, false, w, true, dt)?;
     let (out, grad) = ce::eager_cross_entropy(OP, &logits, labels, &p.ce)?;
     drop(logits);
@@ -193,7 +216,11 @@ fn check(
             ),
         ));
     }
-    let mut tensors = vec![("h", h), ("weight", w), ("labels", labels)];
+    // Labels on the host may go with h on a GPU; labels on a GPU must be on h's.
+    let mut tensors = vec![("h", h), ("weight", w)];
+    if labels.is_cuda() || !h.is_cuda() {
+        tensors.push(("labels", labels));
+    }
     if let Some(dw) = dw {
         tensors.push(("dw", dw));
     }
@@ -204,6 +231,92 @@ fn check(
         chunk,
         gpu: common_gpu(OP, &tensors)?,
     })
+}
+
+/// The rows a GPU call computes and their labels on the device.
+struct GpuRows {
+    /// Rows computed.
+    m: usize,
+    /// The computed rows' positions in h, ascending; None: every row in order.
+    rows: Option<Vec<i32>>,
+    /// The uploaded labels (i32: the m labels, then when `rows` is Some the m positions),
+    /// held for `labels` to point into; None: the caller's device labels.
+    _table: Option<Tensor>,
+    /// Device address of the labels (in `table`, or the caller's tensor).
+    labels: u64,
+    /// The valid-label count when the labels were checked on the host.
+    n_valid: Option<usize>,
+}
+
+impl GpuRows {
+    fn new(
+        gpu: &Arc<Gpu>,
+        labels: &Tensor,
+        p: &FusedLinearCrossEntropy,
+        n: usize,
+        v: usize,
+    ) -> Result<GpuRows> {
+        let dev = Device::Cuda(gpu.clone());
+        let all = |table: Option<Tensor>, n_valid| {
+            let ptr = table.as_ref().map_or(labels.dptr(), |t| t.dptr());
+            GpuRows {
+                m: n,
+                rows: None,
+                _table: table,
+                labels: ptr,
+                n_valid,
+            }
+        };
+        let upload = || -> Result<Option<Tensor>> {
+            Ok(match labels.is_cuda() {
+                true => None,
+                false => Some(labels.to_device(&dev)?),
+            })
+        };
+        if !p.skip_ignored {
+            return Ok(all(upload()?, None));
+        }
+        let host = labels.to_i32_vec()?;
+        let ignore = p.ce.ignore_index;
+        let n_valid = check_labels(OP, &host, v, ignore)?;
+        if n_valid == n {
+            return Ok(all(upload()?, Some(n)));
+        }
+        let rows: Vec<i32> = (0..n as i32)
+            .filter(|&i| host[i as usize] != ignore)
+            .collect();
+        // One upload for both: labels first, so the cross-entropy reads them from the start.
+        let mut table: Vec<i32> = rows.iter().map(|&i| host[i as usize]).collect();
+        table.extend_from_slice(&rows);
+        let table = Tensor::from_i32(&[table.len().max(1)], {
+            table.resize(table.len().max(1), ignore);
+            table
+        })?
+        .to_device(&dev)?;
+        Ok(GpuRows {
+            m: rows.len(),
+            labels: table.dptr(),
+            rows: Some(rows),
+            _table: Some(table),
+            n_valid: Some(n_valid),
+        })
+    }
+
+    /// The first row in h of computed rows `s..s + r` when they are consecutive there.
+    fn consecutive(&self, s: usize, r: usize) -> Option<usize> {
+        match &self.rows {
+            None => Some(s),
+            Some(rows) => {
+                let (a, b) = (rows[s] as usize, rows[s + r - 1] as usize);
+                (b - a == r - 1).then_some(a)
+            }
+        }
+    }
+
+    /// Device address of the positions of computed rows from `s` on.
+    fn positions(&self, s: usize) -> u64 {
+        self.labels + ((self.m + s) * 4) as u64
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -220,17 +333,61 @@ fn gpu_flce(
     chunk: usize,
 ) -> Result<FlceOut> {
     let dt = h.dtype();
-    let es = dt.size_in_bytes();
-    let status = gpu_count_labels(gpu, labels.dptr(), n, v, p.ce.ignore_index)?;
-    let row_loss = Tensor::uninit_cuda(gpu, &[n.max(1)], DType::F32)?;
-    let dh = Tensor::uninit_cuda(gpu, h.shape(), dt)?;
+    let row_bytes = hid * dt.size_in_bytes();
+    let plan = GpuRows::new(gpu, labels, p, n, v)?;
+    let m = plan.m;
+    let chunk = chunk.min(m.max(1));
+    let status = gpu_count_labels(gpu, plan.labels, m, v, p.ce.ignore_index)?;
+    let row_loss = Tensor::uninit_cuda(gpu, &[m.max(1)], DType::F32)?;
+    // Rows left out get a zero gradient.
+    let dh = match plan.rows {
+        Some(_) => Tensor::zeros(h.shape(), dt, &Device::Cuda(gpu.clone()))?,
+        None => Tensor::uninit_cuda(gpu, h.shape(), dt)?,
+    };
     let logits = Tensor::uninit_cuda(gpu, &[chunk, v], dt)?;
+    let gathers = (0..m)
+        .step_by(chunk)
+        .any(|s| plan.consecutive(s, chunk.min(m - s)).is_none());
+    // Gathered chunks: their h rows, and their dh rows before the scatter.
+    let bufs = match gathers {
+        true => Some((
+            Tensor::uninit_cuda(gpu, &[chunk, hid], dt)?,
+            Tensor::uninit_cuda(gpu, &[chunk, hid], dt)?,
+        )),
+        false => None,
+    };
     let dw = dw.map(|t| (t.dptr(), t.dtype()));
+    let copy = |src, src_index, src_rows, dst, dst_index, dst_rows, rows| {
+        let c = RowCopy {
+            src,
+            src_index,
+            src_rows,
+            dst,
+            dst_index,
+            dst_rows,
+            n: rows,
+            row_bytes,
+        };
+        gpu_copy_rows(gpu, &c)
+    };
     let mut start = 0;
-    while start < n {
-        let rows = chunk.min(n - start);
+    while start < m {
+        let rows = chunk.min(m - start);
+        let first = plan.consecutive(start, rows);
+        let (hc, dhc) = match (first, &bufs) {
+            (Some(f), _) => (
+                h.dptr() + (f * row_bytes) as u64,
+                dh.dptr() + (f * row_bytes) as u64,
+            ),
+            (None, Some((hb, dhb))) => {
+                let index = Some(plan.positions(start));
+                copy(h.dptr(), index, n, hb.dptr(), None, chunk, rows)?;
+                (hb.dptr(), dhb.dptr())
+            }
+            (None, None) => unreachable!("gathered chunks have buffers"),
+        };
         let g = ChunkGemms {
-            h: h.dptr() + (start * hid * es) as u64,
+            h: hc,
             w: w.dptr(),
             logits: logits.dptr(),
             dtype: dt,
@@ -244,7 +401,7 @@ fn gpu_flce(
             RowsArgs {
                 logits: logits.dptr(),
                 dtype: dt,
-                labels: labels.dptr() + (start * 4) as u64,
+                labels: plan.labels + (start * 4) as u64,
                 row_loss: row_loss.dptr() + (start * 4) as u64,
                 status: status.dptr(),
                 rows,
@@ -253,15 +410,23 @@ fn gpu_flce(
             &p.ce,
             true,
         )?;
-        g.dh(gpu, dh.dptr() + (start * hid * es) as u64)?;
+        g.dh(gpu, dhc)?;
         if let Some((dw_ptr, dw_dt)) = dw {
             g.dw(gpu, dw_ptr, dw_dt)?;
         }
+        if first.is_none() {
+            let index = Some(plan.positions(start));
+            copy(dhc, None, chunk, dh.dptr(), index, n, rows)?;
+        }
         start += rows;
     }
-    drop(logits);
-    let loss = gpu_reduce_loss(gpu, &row_loss, n, &status, p.ce.num_items)?;
-    let n_valid = read_status(OP, &status, v, p.ce.ignore_index)?;
+    drop((logits, bufs));
+    let loss = gpu_reduce_loss(gpu, &row_loss, m, &status, p.ce.num_items)?;
+    // Labels checked on the host need no wait for the device's verdict.
+    let n_valid = match plan.n_valid {
+        Some(k) => k,
+        None => read_status(OP, &status, v, p.ce.ignore_index)?,
+    };
     Ok(FlceOut { loss, n_valid, dh })
 }
 
@@ -351,7 +516,8 @@ fn round_vec(dtype: DType, v: &mut [f32]) {
 }
 
 /// The same chunked computation on the CPU, rounding where the GPU stores: logits and dh in
-/// h's dtype, dW in its own dtype after each chunk's accumulation.
+/// h's dtype, dW in its own dtype after each chunk's accumulation. With `skip_ignored` the
+/// chunks take the labelled rows only, as on the GPU.
 #[allow(clippy::too_many_arguments)]
 fn cpu_flce(
     h: &Tensor,
@@ -372,31 +538,34 @@ fn cpu_flce(
     let (hs, ws) = (h.cpu_f32(), w.cpu_f32());
     // W^T as [H, V] rows, so that dh = grad W is a product of contiguous rows.
     let wt = transpose(&ws, v, hid);
+    // The computed rows' positions in h.
+    let rows: Vec<i32> = (0..n as i32)
+        .filter(|&i| !p.skip_ignored || labels[i as usize] != p.ce.ignore_index)
+        .collect();
     let mut dh = vec![0.0f32; n * hid];
     let mut dw_acc = dw.as_ref().map(|t| t.cpu_f32().into_owned());
     let mut total = 0.0f64;
-    let mut start = 0;
-    while start < n {
-        let rows = chunk.min(n - start);
-        let hc = &hs[start * hid..(start + rows) * hid];
-        let lc = &labels[start..start + rows];
-        let mut logits = cpu_matmul(hc, false, &ws, true, rows, v, hid);
+    for index in rows.chunks(chunk) {
+        let r = index.len();
+        let mut hc = vec![0.0f32; r * hid];
+        cpu_copy_rows(&hs, Some(index), &mut hc, None, r, hid);
+        let lc: Vec<i32> = index.iter().map(|&i| labels[i as usize]).collect();
+        let mut logits = cpu_matmul(&hc, false, &ws, true, r, v, hid);
         round_vec(dt, &mut logits);
-        let stats = cpu_row_stats(&logits, lc, v, &p.ce);
+        let stats = cpu_row_stats(&logits, &lc, v, &p.ce);
         total += stats.iter().map(|s| s.0).sum::<f64>();
-        let mut grad = cpu_row_grads(&logits, lc, v, &p.ce, &stats, scale);
+        let mut grad = cpu_row_grads(&logits, &lc, v, &p.ce, &stats, scale);
         round_vec(dt, &mut grad);
-        let mut dhc = cpu_matmul(&grad, false, &wt, true, rows, hid, v);
+        let mut dhc = cpu_matmul(&grad, false, &wt, true, r, hid, v);
         round_vec(dt, &mut dhc);
-        dh[start * hid..(start + rows) * hid].copy_from_slice(&dhc);
+        cpu_copy_rows(&dhc, None, &mut dh, Some(index), r, hid);
         if let (Some(acc), Some(t)) = (dw_acc.as_mut(), dw.as_ref()) {
-            let g = cpu_matmul(&grad, true, hc, false, v, hid, rows);
+            let g = cpu_matmul(&grad, true, &hc, false, v, hid, r);
             for (a, d) in acc.iter_mut().zip(&g) {
                 *a += d;
             }
             round_vec(t.dtype(), acc);
         }
-        start += rows;
     }
     if let (Some(acc), Some(t)) = (dw_acc, dw) {
         t.cpu_store_f32(&acc);
@@ -457,9 +626,51 @@ fn compare_tol(
     })
 }
 
+/// Labels like an instruction-tuning batch: runs of 1 to `run` ignored tokens (prompts)
+/// alternating with runs of 1 to `run` labelled ones (responses), about half of each.
+pub(crate) fn prompt_like_labels(rng: &mut Rng, n: usize, v: usize, run: usize) -> Vec<i32> {
+    let mut labels = Vec::with_capacity(n);
+    let mut prompt = true;
+    while labels.len() < n {
+        let len = (1 + rng.below(run)).min(n - labels.len());
+        for _ in 0..len {
+            labels.push(match prompt {
+                true => ce::IGNORE_INDEX,
+                false => rng.below(v) as i32,
+            });
+        }
+        prompt = !prompt;
+    }
+    labels
+}
+
+/// Which labels a check case draws and where the GPU call gets them.
+#[derive(Clone, Copy, PartialEq)]
+enum CaseLabels {
+    /// 10% ignored at random, on the device.
+    Random,
+    /// Every label ignored, on the device.
+    AllIgnored,
+    /// [`prompt_like_labels`] with runs up to this long, on the host (`skip_ignored`).
+    PromptsOnHost(usize),
+    /// The same on the device (`skip_ignored` reads them back).
+    PromptsOnDevice(usize),
+}
+
+/// One check case: sizes, options, labels, and what it is for.
+struct Case {
+    dt: DType,
+    n: usize,
+    hid: usize,
+    v: usize,
+    chunk: Option<usize>,
+    dw: Option<DType>,
+    ce: CrossEntropy,
+    labels: CaseLabels,
+    what: &'static str,
+}
+
 fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
-    let dev = Device::Cuda(gpu.clone());
-    let mut lines = Vec::new();
     let all = CrossEntropy {
         label_smoothing: 0.1,
         z_loss: 1e-4,
@@ -469,148 +680,208 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         ..Default::default()
     };
     let d = CrossEntropy::default();
-    // (dtype, tokens, hidden, vocab, chunk, dW dtype, params, what)
-    type Case = (
-        DType,
-        usize,
-        usize,
-        usize,
-        Option<usize>,
-        Option<DType>,
-        CrossEntropy,
-        &'static str,
-    );
-    let cases: [Case; 5] = [
-        (
-            DType::BF16,
-            256,
-            4096,
-            128256,
+    let case = |dt, (n, hid, v), chunk, dw, ce, labels, what| Case {
+        dt,
+        n,
+        hid,
+        v,
+        chunk,
+        dw,
+        ce,
+        labels,
+        what,
+    };
+    use CaseLabels::*;
+    let (bf, f32) = (DType::BF16, DType::F32);
+    let cases = [
+        case(
+            bf,
+            (256, 4096, 128256),
             None,
             None,
             d,
+            Random,
             "Llama-3-8B lm_head, one chunk",
         ),
-        (
-            DType::BF16,
-            300,
-            4096,
-            128256,
+        case(
+            bf,
+            (300, 4096, 128256),
             Some(128),
-            Some(DType::F32),
+            Some(f32),
             d,
+            Random,
             "3 chunks, f32 dW",
         ),
-        (
-            DType::BF16,
-            77,
-            200,
-            1001,
+        case(
+            bf,
+            (77, 200, 1001),
             Some(30),
-            Some(DType::BF16),
+            Some(bf),
             all,
+            Random,
             "odd, all options, bf16 dW",
         ),
-        (
-            DType::F32,
-            45,
-            64,
-            5003,
+        case(
+            f32,
+            (45, 64, 5003),
             Some(16),
-            Some(DType::F32),
+            Some(f32),
             all,
+            Random,
             "f32, odd vocab",
         ),
-        (
-            DType::BF16,
-            5,
-            96,
-            1000,
+        case(
+            bf,
+            (5, 96, 1000),
             Some(2),
-            Some(DType::F32),
+            Some(f32),
             d,
+            AllIgnored,
             "every label ignored",
         ),
+        case(
+            bf,
+            (600, 4096, 128256),
+            Some(128),
+            Some(f32),
+            d,
+            PromptsOnHost(160),
+            "skip ignored, Llama-3-8B lm_head, f32 dW",
+        ),
+        case(
+            bf,
+            (301, 200, 1001),
+            Some(40),
+            Some(bf),
+            all,
+            PromptsOnDevice(25),
+            "skip ignored, labels on the device, all options, bf16 dW",
+        ),
+        case(
+            f32,
+            (90, 64, 503),
+            Some(7),
+            Some(f32),
+            all,
+            PromptsOnHost(9),
+            "skip ignored, f32",
+        ),
+        case(
+            bf,
+            (6, 96, 1000),
+            Some(2),
+            None,
+            d,
+            PromptsOnHost(1000),
+            "skip ignored, none labelled",
+        ),
     ];
-    for (dt, n, hid, v, chunk, dw_dt, ce_p, what) in cases {
-        let case = format!("{dt} {n}x{hid}x{v} ({what})");
-        let p = FusedLinearCrossEntropy {
-            ce: ce_p,
-            chunk_tokens: chunk,
-        };
-        let (h, gh) = uniform_pair(gpu, rng, &[n, hid], dt, 1.0)?;
-        let (w, gw) = uniform_pair(gpu, rng, &[v, hid], dt, 0.05)?;
-        let ignored = if what.contains("ignored") { 1.0 } else { 0.1 };
-        let labels = Tensor::from_i32(&[n], ce::random_labels(rng, n, v, ignored))?;
-        let glabels = labels.to_device(&dev)?;
-        let (mut dw, mut gdw) = match dw_dt {
-            Some(t) => {
-                let (a, b) = uniform_pair(gpu, rng, &[v, hid], t, 0.01)?;
-                (Some(a), Some(b))
-            }
-            None => (None, None),
-        };
-        let mut udw = match &gdw {
-            Some(t) => Some(t.to_device(&dev)?),
-            None => None,
-        };
-        let gf = fused_linear_cross_entropy(&gh, &gw, &glabels, &p, gdw.as_mut())?;
-        let f = fused_linear_cross_entropy(&h, &w, &labels, &p, dw.as_mut())?;
-        let uf = linear_cross_entropy_unfused(&gh, &gw, &glabels, &p, udw.as_mut())?;
-        // With bf16 operands, cuBLAS and the CPU sum the GEMMs in different orders, so a few
-        // logits round to the neighbouring bf16 value (a 2^-8 relative step); the loss and
-        // the f32 dW move by that, far above f32 rounding. Their tolerance is then set by
-        // the bf16 logits: 1e-4 for the loss (an average over tokens), 1e-2 for gradients.
-        let bf = dt == DType::BF16;
-        let loss_tol = if bf { 1e-4 } else { 1e-5 };
-        lines.push(compare_tol(&case, "loss", &gf.loss, &f.loss, loss_tol)?);
-        lines.push(ce::pass_line(OP, &case, "n_valid", gf.n_valid == f.n_valid));
-        let grad_tol = if bf { 1e-2 } else { 1e-5 };
-        lines.push(compare_tol(&case, "dh", &gf.dh, &f.dh, grad_tol)?);
-        if let (Some(a), Some(b)) = (&gdw, &dw) {
-            lines.push(compare_tol(&case, "dw", a, b, grad_tol)?);
-        }
-        lines.push(compare_tol(
-            &case,
-            "loss(unfused)",
-            &uf.loss,
-            &f.loss,
-            loss_tol,
-        )?);
-        lines.push(ce::pass_line(
-            OP,
-            &case,
-            "n_valid(unfused)",
-            uf.n_valid == f.n_valid,
-        ));
-        lines.push(compare_tol(&case, "dh(unfused)", &uf.dh, &f.dh, grad_tol)?);
-        if let (Some(a), Some(b)) = (&udw, &dw) {
-            lines.push(compare_tol(&case, "dw(unfused)", a, b, grad_tol)?);
-        }
+    let mut lines = Vec::new();
+    for c in cases {
+        lines.extend(check_case(gpu, rng, &c)?);
     }
-    // A label outside the vocabulary is an error naming the op, the row and the label.
+    // A label outside the vocabulary is an error naming the op, the row and the label, with
+    // the labels checked on the device and, with `skip_ignored`, on the host.
+    let dev = Device::Cuda(gpu.clone());
     let (_, gh) = uniform_pair(gpu, rng, &[40, 64], DType::BF16, 1.0)?;
     let (_, gw) = uniform_pair(gpu, rng, &[500, 64], DType::BF16, 0.05)?;
     let mut lv = ce::random_labels(rng, 40, 500, 0.0);
     lv[33] = -7;
-    let labels = Tensor::from_i32(&[40], lv)?.to_device(&dev)?;
+    let host_labels = Tensor::from_i32(&[40], lv)?;
+    let labels = host_labels.to_device(&dev)?;
+    for (skip, labels, place) in [(false, &labels, "device"), (true, &host_labels, "host")] {
+        let p = FusedLinearCrossEntropy {
+            chunk_tokens: Some(8),
+            skip_ignored: skip,
+            ..Default::default()
+        };
+        let ok = match fused_linear_cross_entropy(&gh, &gw, labels, &p, None) {
+            Err(e) => {
+                let e = e.to_string();
+                e.contains(OP) && e.contains("row 33") && e.contains("label -7")
+            }
+            Ok(_) => false,
+        };
+        let case = format!("bf16 40x64x500 label -7 at row 33, labels on the {place}");
+        lines.push(ce::pass_line(OP, &case, "error", ok));
+    }
+    Ok(lines)
+}
+
+/// One case: the fused op on the GPU and its unfused composition, each against the CPU
+/// reference with the same options.
+fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>> {
+    let dev = Device::Cuda(gpu.clone());
+    let (dt, n, hid, v) = (c.dt, c.n, c.hid, c.v);
+    let case = format!("{dt} {n}x{hid}x{v} ({})", c.what);
+    let (skip, on_host) = match c.labels {
+        CaseLabels::PromptsOnHost(_) => (true, true),
+        CaseLabels::PromptsOnDevice(_) => (true, false),
+        _ => (false, false),
+    };
     let p = FusedLinearCrossEntropy {
-        chunk_tokens: Some(8),
-        ..Default::default()
+        ce: c.ce,
+        chunk_tokens: c.chunk,
+        skip_ignored: skip,
     };
-    let ok = match fused_linear_cross_entropy(&gh, &gw, &labels, &p, None) {
-        Err(e) => {
-            let e = e.to_string();
-            e.contains(OP) && e.contains("row 33") && e.contains("label -7")
+    let (h, gh) = uniform_pair(gpu, rng, &[n, hid], dt, 1.0)?;
+    let (w, gw) = uniform_pair(gpu, rng, &[v, hid], dt, 0.05)?;
+    let lv = match c.labels {
+        CaseLabels::Random => ce::random_labels(rng, n, v, 0.1),
+        CaseLabels::AllIgnored => ce::random_labels(rng, n, v, 1.0),
+        CaseLabels::PromptsOnHost(run) | CaseLabels::PromptsOnDevice(run) => {
+            let mut lv = prompt_like_labels(rng, n, v, run);
+            // A labelled first chunk: its rows are used in place, the later ones gathered.
+            let first = c.chunk.unwrap_or(n);
+            if 2 * first <= n {
+                for l in &mut lv[..first] {
+                    *l = rng.below(v) as i32;
+                }
+            }
+            lv
         }
-        Ok(_) => false,
     };
-    lines.push(ce::pass_line(
-        OP,
-        "bf16 40x64x500 label -7 at row 33",
-        "error",
-        ok,
-    ));
+    let labels = Tensor::from_i32(&[n], lv)?;
+    let glabels = labels.to_device(&dev)?;
+    let (mut dw, mut gdw) = match c.dw {
+        Some(t) => {
+            let (a, b) = uniform_pair(gpu, rng, &[v, hid], t, 0.01)?;
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
+    let mut udw = match &gdw {
+        Some(t) => Some(t.to_device(&dev)?),
+        None => None,
+    };
+    let gpu_labels = if on_host { &labels } else { &glabels };
+    let gf = fused_linear_cross_entropy(&gh, &gw, gpu_labels, &p, gdw.as_mut())?;
+    let f = fused_linear_cross_entropy(&h, &w, &labels, &p, dw.as_mut())?;
+    let uf = linear_cross_entropy_unfused(&gh, &gw, gpu_labels, &p, udw.as_mut())?;
+    // With bf16 operands, cuBLAS and the CPU sum the GEMMs in different orders, so a few
+    // logits round to the neighbouring bf16 value (a 2^-8 relative step); the loss and the
+    // f32 dW move by that, far above f32 rounding. Their tolerance is then set by the bf16
+    // logits: 1e-4 for the loss (an average over tokens), 1e-2 for gradients.
+    let bf = dt == DType::BF16;
+    let loss_tol = if bf { 1e-4 } else { 1e-5 };
+    let grad_tol = if bf { 1e-2 } else { 1e-5 };
+    let mut lines = Vec::new();
+    for (tag, out, out_dw) in [("", &gf, &gdw), ("(unfused)", &uf, &udw)] {
+        let name = |what: &str| format!("{what}{tag}");
+        lines.push(compare_tol(
+            &case,
+            &name("loss"),
+            &out.loss,
+            &f.loss,
+            loss_tol,
+        )?);
+        let same = out.n_valid == f.n_valid;
+        lines.push(ce::pass_line(OP, &case, &name("n_valid"), same));
+        lines.push(compare_tol(&case, &name("dh"), &out.dh, &f.dh, grad_tol)?);
+        if let (Some(a), Some(b)) = (out_dw, &dw) {
+            lines.push(compare_tol(&case, &name("dw"), a, b, grad_tol)?);
+        }
+    }
     Ok(lines)
 }
 
@@ -654,6 +925,44 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         })?);
     }
     drop(dw);
+    // An instruction-tuning batch: prompt runs (ignored) alternating with response runs, up
+    // to 512 tokens each, about half the tokens labelled. Every row computed (labels on the
+    // device) against `skip_ignored` (labels on the host), at the default chunk and at the
+    // training step's 1024 tokens. The floor counts only the labelled rows' GEMMs: the work
+    // the loss needs.
+    let lv = prompt_like_labels(&mut rng, n, v, 512);
+    let labelled = lv.iter().filter(|&&l| l != ce::IGNORE_INDEX).count();
+    let host_labels = Tensor::from_i32(&[n], lv)?;
+    let prompt_labels = host_labels.to_device(&dev)?;
+    let prompt_shape = format!("{shape}, {labelled} labelled");
+    let needed = 4.0 * (labelled * hid * v) as f64;
+    for (variant, chunk, skip) in [
+        ("prompts", None, false),
+        ("prompts skip", None, true),
+        ("c1024 prompts", Some(1024), false),
+        ("c1024 prompts skip", Some(1024), true),
+    ] {
+        let p = FusedLinearCrossEntropy {
+            chunk_tokens: chunk,
+            skip_ignored: skip,
+            ..Default::default()
+        };
+        let labels = if skip { &host_labels } else { &prompt_labels };
+        rows.push(measure(
+            gpu,
+            cfg,
+            OP,
+            variant,
+            &prompt_shape,
+            0.0,
+            needed,
+            || {
+                fused_linear_cross_entropy(&h, &w, labels, &p, None)?;
+                Ok(())
+            },
+        )?);
+    }
+    drop(prompt_labels);
     // The parts alone, at the default chunk and at 768 tokens: the two GEMMs, each GEMM, and
     // (at 768) the cross-entropy pass over the chunks' logits, the loop with marks and the
     // loop with other GEMM algorithms: where the fused op's time goes.
@@ -957,7 +1266,9 @@ mod tests {
             let hv = rng.normal_vec(n * hid, 1.0);
             let wv = rng.normal_vec(v * hid, 0.5);
             let mut lv = ce::random_labels(&mut rng, n, v, 0.0);
-            lv[3] = IGNORE_INDEX;
+            for i in [3, 4, 8] {
+                lv[i] = IGNORE_INDEX;
+            }
             let h = Tensor::from_f32(&[n, hid], hv.clone()).unwrap();
             let w = Tensor::from_f32(&[v, hid], wv.clone()).unwrap();
             let labels = Tensor::from_i32(&[n], lv.clone()).unwrap();
@@ -966,14 +1277,16 @@ mod tests {
             let s = ce_p.grad_scale as f64;
             let fd_h = fd(|x| naive(x, &w64, &lv, n, hid, v, &ce_p), &h64, s);
             let fd_w = fd(|x| naive(&h64, x, &lv, n, hid, v, &ce_p), &w64, s);
-            for chunk in [None, Some(1), Some(4), Some(100)] {
+            let chunks = [None, Some(1), Some(4), Some(100)];
+            for (chunk, skip) in chunks.into_iter().flat_map(|c| [(c, false), (c, true)]) {
                 let p = FusedLinearCrossEntropy {
                     ce: ce_p,
                     chunk_tokens: chunk,
+                    skip_ignored: skip,
                 };
                 let mut dw = Tensor::from_f32(&[v, hid], vec![0.0; v * hid]).unwrap();
                 let out = fused_linear_cross_entropy(&h, &w, &labels, &p, Some(&mut dw)).unwrap();
-                assert_eq!(out.n_valid, n - 1);
+                assert_eq!(out.n_valid, n - 3);
                 let got = out.loss.to_f32_vec().unwrap()[0] as f64;
                 assert!(
                     (got - want).abs() < 1e-6 * want.abs(),
@@ -983,7 +1296,7 @@ mod tests {
                 let ew = rel_err(&dw.to_f32_vec().unwrap(), &fd_w);
                 assert!(
                     eh < 1e-5 && ew < 1e-5,
-                    "{chunk:?} {ce_p:?}: dh {eh}, dw {ew}"
+                    "{chunk:?} skip {skip} {ce_p:?}: dh {eh}, dw {ew}"
                 );
             }
         }
@@ -1017,6 +1330,66 @@ mod tests {
             .unwrap();
         let want: Vec<f32> = dw0.iter().zip(&g).map(|(a, b)| a + b).collect();
         assert_eq!(dw.to_f32_vec().unwrap(), want);
+    }
+
+    #[test]
+    fn skipping_ignored_rows_changes_nothing_but_the_work() {
+        // bf16 with prompt-like labels: the loss and dh are the same bits with and without
+        // skip_ignored (rows are independent), dh is zero on unlabelled rows, and the f32 dW
+        // differs only by the order its chunks add up in.
+        let mut rng = Rng::new(23);
+        let (n, hid, v) = (70, 24, 50);
+        let h = Tensor::from_f32_as(&[n, hid], rng.normal_vec(n * hid, 1.0), DType::BF16).unwrap();
+        let w = Tensor::from_f32_as(&[v, hid], rng.normal_vec(v * hid, 0.3), DType::BF16).unwrap();
+        let lv = prompt_like_labels(&mut rng, n, v, 9);
+        assert!(lv.contains(&IGNORE_INDEX) && lv.iter().any(|&l| l >= 0));
+        let labels = Tensor::from_i32(&[n], lv.clone()).unwrap();
+        let run = |skip: bool, chunk: usize| {
+            let p = FusedLinearCrossEntropy {
+                chunk_tokens: Some(chunk),
+                skip_ignored: skip,
+                ..Default::default()
+            };
+            let mut dw = Tensor::zeros(&[v, hid], DType::F32, &Device::Cpu).unwrap();
+            let out = fused_linear_cross_entropy(&h, &w, &labels, &p, Some(&mut dw)).unwrap();
+            let loss = out.loss.to_f32_vec().unwrap()[0];
+            (loss, out.dh.to_f32_vec().unwrap(), dw.to_f32_vec().unwrap())
+        };
+        for chunk in [1, 8, 70] {
+            let (l0, dh0, dw0) = run(false, chunk);
+            let (l1, dh1, dw1) = run(true, chunk);
+            assert_eq!(l0, l1);
+            assert_eq!(dh0, dh1);
+            assert!(rel_err(&dw1, &dw0) < 1e-6, "{}", rel_err(&dw1, &dw0));
+            for (i, &l) in lv.iter().enumerate() {
+                if l == IGNORE_INDEX {
+                    assert!(dh1[i * hid..(i + 1) * hid].iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+        // Nothing labelled: nothing computed, a zero loss and gradient.
+        let none = Tensor::from_i32(&[n], vec![IGNORE_INDEX; n]).unwrap();
+        let p = FusedLinearCrossEntropy {
+            skip_ignored: true,
+            ..Default::default()
+        };
+        let out = fused_linear_cross_entropy(&h, &w, &none, &p, None).unwrap();
+        assert_eq!(out.n_valid, 0);
+        assert_eq!(out.loss.to_f32_vec().unwrap(), [0.0]);
+        assert!(out.dh.to_f32_vec().unwrap().iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn prompt_like_labels_alternate_runs() {
+        let mut rng = Rng::new(24);
+        let lv = prompt_like_labels(&mut rng, 1000, 77, 20);
+        assert_eq!(lv.len(), 1000);
+        assert_eq!(lv[0], IGNORE_INDEX);
+        let ignored = lv.iter().filter(|&&l| l == IGNORE_INDEX).count();
+        assert!((300..700).contains(&ignored), "{ignored}");
+        assert!(lv
+            .iter()
+            .all(|&l| l == IGNORE_INDEX || (0..77).contains(&l)));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod eager;
 pub mod elementwise;
 pub mod embedding;
 pub mod fused_linear_cross_entropy;
+pub mod index_rows;
 pub mod layer_norm;
 pub mod lora_group;
 pub mod lora_group_split;
@@ -42,6 +43,7 @@ pub const ALL_SOURCES: &[KernelSource] = &[
     attention::SOURCE,
     dropout::SOURCE,
     lora_split::SOURCE,
+    index_rows::SOURCE,
 ];
 
 /// The GPU checks, in the order `tigon gpu-check` runs them.
@@ -55,6 +57,7 @@ pub fn all_checks() -> Vec<GpuCheck> {
         embedding::CHECK,
         rope::CHECK,
         cross_entropy::CHECK,
+        index_rows::CHECK,
         fused_linear_cross_entropy::CHECK,
         lora_linear::CHECK,
         lora_linear::MERGE_CHECK,
