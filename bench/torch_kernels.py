@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 BF16 = torch.bfloat16
 MIB = 1 << 20
-ALL_OPS = ["rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy", "geglu", "layer_norm"]
+ALL_OPS = ["rms_norm", "swiglu", "rope", "cross_entropy", "fused_linear_cross_entropy",
+           "fused_linear_cross_entropy_prompts", "geglu", "layer_norm"]
 
 
 # ----------------------------------------------------------------------------
@@ -262,11 +263,36 @@ def case_cross_entropy(dev):
                 "Liger computes dlogits during forward, so its ms_fwd includes the gradient")
 
 
-def case_flce(dev):
+def _prompt_labels(n, vocab, dev, run=512, runs_seed=1234):
+    """Like an instruction-tuning batch: runs of 1 to `run` ignored tokens (prompts)
+    alternating with runs of 1 to `run` labelled ones. The run lengths come from the 64-bit
+    LCG tigon's `prompt_like_labels` uses, with the seed of its benchmark, so both time the
+    same rows; the label values (which do not change the work) differ."""
+    g = torch.Generator(device=dev)
+    g.manual_seed(1234)
+    state, out, prompt = runs_seed, [], True
+    mask = (1 << 64) - 1
+    while len(out) < n:
+        state = (state * 6364136223846793005 + 1442695040888963407) & mask
+        k = min(1 + (state >> 33) % run, n - len(out))
+        out += [-100] * k if prompt else [-1] * k
+        prompt = not prompt
+    labels = torch.tensor(out, device=dev, dtype=torch.int64)
+    keep = labels == -1
+    labels[keep] = torch.randint(0, vocab, (int(keep.sum()),), device=dev, generator=g)
+    return labels
+
+
+def case_flce_prompts(dev):
+    return case_flce(dev, prompts=True)
+
+
+def case_flce(dev, prompts=False):
     N, H, V = 8192, 4096, 128256
     h0 = torch.randn(N, H, device=dev, dtype=BF16)
     W = (0.02 * torch.randn(V, H, device=dev)).to(BF16)  # lm_head, frozen
-    labels = _labels(N, V, dev)
+    labels = _prompt_labels(N, V, dev) if prompts else _labels(N, V, dev)
+    labelled = int((labels != -100).sum())
 
     def prep():
         return {"h": fresh(h0, True)}
@@ -287,8 +313,11 @@ def case_flce(dev):
 
     nbytes = 2 * N * H + 2 * V * H + 8 * N + 2 * N * H  # read h, W, labels; write dh
     flops = 2 * N * H * V + 2 * N * H * V  # logits GEMM + d_hidden GEMM (no dW: W frozen)
-    return Case("fused_linear_cross_entropy",
-                f"hidden[{N},{H}] bf16, lm_head[{V},{H}] bf16 frozen, labels ~10% -100", prep,
+    name, what = "fused_linear_cross_entropy", "labels ~10% -100"
+    if prompts:
+        name, what = name + "_prompts", f"prompt-like labels, {labelled} labelled"
+    return Case(name,
+                f"hidden[{N},{H}] bf16, lm_head[{V},{H}] bf16 frozen, {what}", prep,
                 torch_fwd, liger, lambda a: (a["h"],), lambda a: None, ["loss"], ["dhidden"], nbytes,
                 "torch: logits = h @ W^T then CE on logits.float(); W.requires_grad=False so no dW; "
                 "Liger computes dh during forward (chunked), so its ms_fwd includes the gradient",
@@ -324,6 +353,7 @@ CASES = {
     "rope": case_rope,
     "cross_entropy": case_cross_entropy,
     "fused_linear_cross_entropy": case_flce,
+    "fused_linear_cross_entropy_prompts": case_flce_prompts,
     "geglu": case_geglu,
     "layer_norm": case_layer_norm,
 }

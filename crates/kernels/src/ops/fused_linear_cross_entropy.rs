@@ -627,12 +627,24 @@ fn compare_tol(
 }
 
 /// Labels like an instruction-tuning batch: runs of 1 to `run` ignored tokens (prompts)
-/// alternating with runs of 1 to `run` labelled ones (responses), about half of each.
-pub(crate) fn prompt_like_labels(rng: &mut Rng, n: usize, v: usize, run: usize) -> Vec<i32> {
+/// alternating with runs of 1 to `run` labelled ones (responses), about half of each. The
+/// run lengths come from a 64-bit LCG seeded with `runs_seed` (`bench/torch_kernels.py`
+/// draws the same runs for Liger from the same seed), the labels from `rng`.
+pub(crate) fn prompt_like_labels(
+    rng: &mut Rng,
+    n: usize,
+    v: usize,
+    run: usize,
+    runs_seed: u64,
+) -> Vec<i32> {
+    let mut state = runs_seed;
     let mut labels = Vec::with_capacity(n);
     let mut prompt = true;
     while labels.len() < n {
-        let len = (1 + rng.below(run)).min(n - labels.len());
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = (1 + (state >> 33) as usize % run).min(n - labels.len());
         for _ in 0..len {
             labels.push(match prompt {
                 true => ce::IGNORE_INDEX,
@@ -644,17 +656,28 @@ pub(crate) fn prompt_like_labels(rng: &mut Rng, n: usize, v: usize, run: usize) 
     labels
 }
 
-/// Which labels a check case draws and where the GPU call gets them.
+/// The run seed of the benchmark's prompt-like labels (shared with `bench/torch_kernels.py`).
+const BENCH_RUNS_SEED: u64 = 1234;
+
+/// Which labels a check case draws.
 #[derive(Clone, Copy, PartialEq)]
 enum CaseLabels {
-    /// 10% ignored at random, on the device.
+    /// 10% ignored at random.
     Random,
-    /// Every label ignored, on the device.
+    /// Every label ignored.
     AllIgnored,
-    /// [`prompt_like_labels`] with runs up to this long, on the host (`skip_ignored`).
-    PromptsOnHost(usize),
-    /// The same on the device (`skip_ignored` reads them back).
-    PromptsOnDevice(usize),
+    /// [`prompt_like_labels`] with runs up to this long, the first chunk all labelled (used
+    /// in place; the later chunks are gathered).
+    Prompts(usize),
+}
+
+/// Whether a check case runs with `skip_ignored`, and where the GPU call gets its labels.
+#[derive(Clone, Copy, PartialEq)]
+enum Skip {
+    Off,
+    LabelsOnHost,
+    /// `skip_ignored` reads them back.
+    LabelsOnDevice,
 }
 
 /// One check case: sizes, options, labels, and what it is for.
@@ -667,6 +690,7 @@ struct Case {
     dw: Option<DType>,
     ce: CrossEntropy,
     labels: CaseLabels,
+    skip: Skip,
     what: &'static str,
 }
 
@@ -680,102 +704,116 @@ fn gpu_check(gpu: &Arc<Gpu>, rng: &mut Rng) -> Result<Vec<CheckLine>> {
         ..Default::default()
     };
     let d = CrossEntropy::default();
-    let case = |dt, (n, hid, v), chunk, dw, ce, labels, what| Case {
-        dt,
-        n,
-        hid,
-        v,
-        chunk,
-        dw,
-        ce,
-        labels,
-        what,
-    };
     use CaseLabels::*;
+    use Skip::*;
     let (bf, f32) = (DType::BF16, DType::F32);
-    let cases = [
-        case(
-            bf,
-            (256, 4096, 128256),
+    // ((dtype, tokens, hidden, vocab), chunk, dW dtype, params, labels, skip, what)
+    type Row = (
+        (DType, usize, usize, usize),
+        Option<usize>,
+        Option<DType>,
+        CrossEntropy,
+        CaseLabels,
+        Skip,
+        &'static str,
+    );
+    let rows: [Row; 9] = [
+        (
+            (bf, 256, 4096, 128256),
             None,
             None,
             d,
             Random,
+            Off,
             "Llama-3-8B lm_head, one chunk",
         ),
-        case(
-            bf,
-            (300, 4096, 128256),
+        (
+            (bf, 300, 4096, 128256),
             Some(128),
             Some(f32),
             d,
             Random,
+            Off,
             "3 chunks, f32 dW",
         ),
-        case(
-            bf,
-            (77, 200, 1001),
+        (
+            (bf, 77, 200, 1001),
             Some(30),
             Some(bf),
             all,
             Random,
+            Off,
             "odd, all options, bf16 dW",
         ),
-        case(
-            f32,
-            (45, 64, 5003),
+        (
+            (f32, 45, 64, 5003),
             Some(16),
             Some(f32),
             all,
             Random,
+            Off,
             "f32, odd vocab",
         ),
-        case(
-            bf,
-            (5, 96, 1000),
+        (
+            (bf, 5, 96, 1000),
             Some(2),
             Some(f32),
             d,
             AllIgnored,
+            Off,
             "every label ignored",
         ),
-        case(
-            bf,
-            (600, 4096, 128256),
+        (
+            (bf, 600, 4096, 128256),
             Some(128),
             Some(f32),
             d,
-            PromptsOnHost(160),
+            Prompts(160),
+            LabelsOnHost,
             "skip ignored, Llama-3-8B lm_head, f32 dW",
         ),
-        case(
-            bf,
-            (301, 200, 1001),
+        (
+            (bf, 301, 200, 1001),
             Some(40),
             Some(bf),
             all,
-            PromptsOnDevice(25),
+            Prompts(25),
+            LabelsOnDevice,
             "skip ignored, labels on the device, all options, bf16 dW",
         ),
-        case(
-            f32,
-            (90, 64, 503),
+        (
+            (f32, 90, 64, 503),
             Some(7),
             Some(f32),
             all,
-            PromptsOnHost(9),
+            Prompts(9),
+            LabelsOnHost,
             "skip ignored, f32",
         ),
-        case(
-            bf,
-            (6, 96, 1000),
+        (
+            (bf, 6, 96, 1000),
             Some(2),
-            None,
+            Some(f32),
             d,
-            PromptsOnHost(1000),
-            "skip ignored, none labelled",
+            AllIgnored,
+            LabelsOnHost,
+            "skip ignored, every label ignored",
         ),
     ];
+    let cases = rows.map(
+        |((dt, n, hid, v), chunk, dw, ce, labels, skip, what)| Case {
+            dt,
+            n,
+            hid,
+            v,
+            chunk,
+            dw,
+            ce,
+            labels,
+            skip,
+            what,
+        },
+    );
     let mut lines = Vec::new();
     for c in cases {
         lines.extend(check_case(gpu, rng, &c)?);
@@ -814,23 +852,19 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
     let dev = Device::Cuda(gpu.clone());
     let (dt, n, hid, v) = (c.dt, c.n, c.hid, c.v);
     let case = format!("{dt} {n}x{hid}x{v} ({})", c.what);
-    let (skip, on_host) = match c.labels {
-        CaseLabels::PromptsOnHost(_) => (true, true),
-        CaseLabels::PromptsOnDevice(_) => (true, false),
-        _ => (false, false),
-    };
     let p = FusedLinearCrossEntropy {
         ce: c.ce,
         chunk_tokens: c.chunk,
-        skip_ignored: skip,
+        skip_ignored: c.skip != Skip::Off,
     };
     let (h, gh) = uniform_pair(gpu, rng, &[n, hid], dt, 1.0)?;
     let (w, gw) = uniform_pair(gpu, rng, &[v, hid], dt, 0.05)?;
     let lv = match c.labels {
         CaseLabels::Random => ce::random_labels(rng, n, v, 0.1),
         CaseLabels::AllIgnored => ce::random_labels(rng, n, v, 1.0),
-        CaseLabels::PromptsOnHost(run) | CaseLabels::PromptsOnDevice(run) => {
-            let mut lv = prompt_like_labels(rng, n, v, run);
+        CaseLabels::Prompts(run) => {
+            let runs_seed = rng.next_u64();
+            let mut lv = prompt_like_labels(rng, n, v, run, runs_seed);
             // A labelled first chunk: its rows are used in place, the later ones gathered.
             let first = c.chunk.unwrap_or(n);
             if 2 * first <= n {
@@ -854,7 +888,10 @@ fn check_case(gpu: &Arc<Gpu>, rng: &mut Rng, c: &Case) -> Result<Vec<CheckLine>>
         Some(t) => Some(t.to_device(&dev)?),
         None => None,
     };
-    let gpu_labels = if on_host { &labels } else { &glabels };
+    let gpu_labels = match c.skip {
+        Skip::LabelsOnHost => &labels,
+        _ => &glabels,
+    };
     let gf = fused_linear_cross_entropy(&gh, &gw, gpu_labels, &p, gdw.as_mut())?;
     let f = fused_linear_cross_entropy(&h, &w, &labels, &p, dw.as_mut())?;
     let uf = linear_cross_entropy_unfused(&gh, &gw, gpu_labels, &p, udw.as_mut())?;
@@ -930,7 +967,7 @@ fn bench(gpu: &Arc<Gpu>, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
     // device) against `skip_ignored` (labels on the host), at the default chunk and at the
     // training step's 1024 tokens. The floor counts only the labelled rows' GEMMs: the work
     // the loss needs.
-    let lv = prompt_like_labels(&mut rng, n, v, 512);
+    let lv = prompt_like_labels(&mut rng, n, v, 512, BENCH_RUNS_SEED);
     let labelled = lv.iter().filter(|&&l| l != ce::IGNORE_INDEX).count();
     let host_labels = Tensor::from_i32(&[n], lv)?;
     let prompt_labels = host_labels.to_device(&dev)?;
@@ -1341,7 +1378,7 @@ mod tests {
         let (n, hid, v) = (70, 24, 50);
         let h = Tensor::from_f32_as(&[n, hid], rng.normal_vec(n * hid, 1.0), DType::BF16).unwrap();
         let w = Tensor::from_f32_as(&[v, hid], rng.normal_vec(v * hid, 0.3), DType::BF16).unwrap();
-        let lv = prompt_like_labels(&mut rng, n, v, 9);
+        let lv = prompt_like_labels(&mut rng, n, v, 9, 3);
         assert!(lv.contains(&IGNORE_INDEX) && lv.iter().any(|&l| l >= 0));
         let labels = Tensor::from_i32(&[n], lv.clone()).unwrap();
         let run = |skip: bool, chunk: usize| {
@@ -1382,7 +1419,7 @@ mod tests {
     #[test]
     fn prompt_like_labels_alternate_runs() {
         let mut rng = Rng::new(24);
-        let lv = prompt_like_labels(&mut rng, 1000, 77, 20);
+        let lv = prompt_like_labels(&mut rng, 1000, 77, 20, 4);
         assert_eq!(lv.len(), 1000);
         assert_eq!(lv[0], IGNORE_INDEX);
         let ignored = lv.iter().filter(|&&l| l == IGNORE_INDEX).count();
