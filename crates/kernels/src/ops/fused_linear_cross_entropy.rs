@@ -288,11 +288,11 @@ impl GpuRows {
         // One upload for both: labels first, so the cross-entropy reads them from the start.
         let mut table: Vec<i32> = rows.iter().map(|&i| host[i as usize]).collect();
         table.extend_from_slice(&rows);
-        let table = Tensor::from_i32(&[table.len().max(1)], {
-            table.resize(table.len().max(1), ignore);
-            table
-        })?
-        .to_device(&dev)?;
+        if table.is_empty() {
+            // Nothing labelled: one unread entry, so the buffer has an address.
+            table.push(ignore);
+        }
+        let table = Tensor::from_i32(&[table.len()], table)?.to_device(&dev)?;
         Ok(GpuRows {
             m: rows.len(),
             labels: table.dptr(),
