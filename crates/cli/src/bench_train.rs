@@ -26,6 +26,7 @@ use tigon_engine::{Batch, Decoder, EngineError, Fusion, LoraState, Offload};
 use tigon_kernels::cuda::timing::Mark;
 use tigon_kernels::cuda::HostCall;
 use tigon_kernels::ops::adamw::AdamW;
+use tigon_kernels::ops::cross_entropy::IGNORE_INDEX;
 use tigon_kernels::{DType, Device, Gpu, KernelError};
 use tigon_model::{Adapter, LoraConfig, ModelConfig, ModelWeights, Projection, TargetModules};
 
@@ -50,6 +51,14 @@ pub struct BenchTrainArgs {
     /// Untimed optimizer steps first (they train too: their losses are reported).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// The first N positions of every row are a prompt: their labels are -100, as
+    /// instruction tuning with `response_only` masks them (0: every token is trained).
+    #[arg(long, default_value_t = 0)]
+    prompt_tokens: usize,
+    /// Run the fused LM head + loss on every row, the labelled or not (the baseline for
+    /// what skipping the unlabelled rows saves).
+    #[arg(long)]
+    loss_all_rows: bool,
     /// Activation checkpointing: keep each layer's input, recompute the rest in backward.
     #[arg(long)]
     checkpointing: bool,
@@ -177,12 +186,17 @@ impl TokenBatches {
         })
     }
 
-    /// The engine batch of step `step`: labels = inputs, one document per row.
-    pub fn batch(&self, step: usize) -> Result<Batch> {
+    /// The engine batch of step `step`: labels = inputs, one document per row, the first
+    /// `prompt` labels of each row -100.
+    pub fn batch(&self, step: usize, prompt: usize) -> Result<Batch> {
         let per = self.batch * self.seq;
         let rows: Vec<(Vec<i32>, Vec<i32>)> = self.ids[step * per..(step + 1) * per]
             .chunks_exact(self.seq)
-            .map(|r| (r.to_vec(), r.to_vec()))
+            .map(|r| {
+                let mut labels = r.to_vec();
+                labels[..prompt.min(r.len())].fill(IGNORE_INDEX);
+                (r.to_vec(), labels)
+            })
             .collect();
         Ok(Batch::from_rows(&rows)?)
     }
@@ -319,6 +333,14 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if args.prompt_tokens + 1 >= batches.seq {
+        bail!(
+            "--prompt-tokens {} leaves no token to train in rows of {} ({})",
+            args.prompt_tokens,
+            batches.seq,
+            args.batches.display()
+        );
+    }
     let needed = args.warmup + args.steps;
     if batches.steps < needed {
         bail!(
@@ -357,6 +379,8 @@ pub fn bench_train(args: BenchTrainArgs) -> Result<i32> {
         "batch": batches.batch,
         "seq": batches.seq,
         "checkpointing": args.checkpointing,
+        "prompt_tokens": args.prompt_tokens,
+        "loss_all_rows": args.loss_all_rows,
         "fusion": args.fusion.to_string(),
         "lora_precision": args.lora_precision.to_string(),
         "gpu": gpu.as_ref().map(|g| g.name().to_string()).unwrap_or_else(|| "cpu".into()),
@@ -423,12 +447,13 @@ fn run(
     let trainable = lora.param_count();
     let mut decoder = Decoder::new(weights, lora)?;
     decoder.checkpointing = args.checkpointing;
+    decoder.loss_skips_unlabelled = !args.loss_all_rows;
     decoder.fusion = args.fusion;
     decoder.lora_precision = args.lora_precision;
     decoder.set_offload(offload)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let all: Vec<Batch> = (0..args.warmup + args.steps)
-        .map(|s| batches.batch(s))
+        .map(|s| batches.batch(s, args.prompt_tokens))
         .collect::<Result<_>>()?;
 
     let adamw = AdamW {
@@ -611,6 +636,13 @@ fn print_summary(r: &Value) {
         f("median_step_ms"),
         100.0 * f("mfu"),
     );
+    if let Some(n) = r["prompt_tokens"].as_u64().filter(|&n| n > 0) {
+        let rows = match r["loss_all_rows"].as_bool() {
+            Some(true) => "every row",
+            _ => "the labelled rows",
+        };
+        println!("prompt: the first {n} tokens of every row unlabelled; the loss ran on {rows}");
+    }
     if let Some(o) = r.get("offload") {
         println!(
             "offload: embedding {}, {} streamed layers {} ({} layer copies per step)",
@@ -710,12 +742,16 @@ mod tests {
         write_ids(&p, [2, 2, 3], ids);
         let b = TokenBatches::read(&p).unwrap();
         assert_eq!((b.steps, b.batch, b.seq), (2, 2, 3));
-        let step1 = b.batch(1).unwrap();
+        let step1 = b.batch(1, 0).unwrap();
         assert_eq!(step1.input_ids, vec![6, 7, 8, 9, 10, 11]);
         // Target t is token t+1 of the same row; a row's last token predicts nothing.
         assert_eq!(step1.targets, vec![7, 8, -100, 10, 11, -100]);
         assert_eq!(step1.positions, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(step1.cu_seqlens, vec![0, 3, 6]);
+        // A 2-token prompt per row: only the token after it is a target.
+        let prompted = b.batch(1, 2).unwrap();
+        assert_eq!(prompted.input_ids, step1.input_ids);
+        assert_eq!(prompted.targets, vec![-100, 8, -100, -100, 11, -100]);
     }
 
     #[test]
@@ -920,6 +956,44 @@ mod tests {
         // zero, so step 0 is the base model either way).
         assert_eq!(a["losses"][0], c["losses"][0]);
         assert_ne!(a["losses"], c["losses"]);
+    }
+
+    /// `--prompt-tokens` masks each row's first labels; the loss skipping the unlabelled rows
+    /// (the default) and `--loss-all-rows` train the same: identical losses at every step.
+    /// A prompt that leaves nothing to train is refused.
+    #[test]
+    fn prompt_tokens_train_the_same_with_and_without_skipping() {
+        let s = Scratch::new("prompt");
+        let (model, batches) = fixture(&s.0, 5);
+        let all = run_cpu(&model, &batches, &s.0.join("a.json"), &[]);
+        let skip = run_cpu(
+            &model,
+            &batches,
+            &s.0.join("b.json"),
+            &["--prompt-tokens", "7"],
+        );
+        let rows = run_cpu(
+            &model,
+            &batches,
+            &s.0.join("c.json"),
+            &["--prompt-tokens", "7", "--loss-all-rows"],
+        );
+        assert_eq!(
+            (
+                skip["prompt_tokens"].as_u64(),
+                rows["loss_all_rows"].as_bool()
+            ),
+            (Some(7), Some(true))
+        );
+        assert_eq!(skip["losses"], rows["losses"]);
+        assert_ne!(skip["losses"], all["losses"]);
+        let mut v = vec!["--model", model.to_str().unwrap(), "--batches"];
+        v.extend([batches.to_str().unwrap(), "--prompt-tokens", "11", "--cpu"]);
+        let e = bench_train(args(&v)).unwrap_err().to_string();
+        assert!(
+            e.contains("--prompt-tokens 11") && e.contains("rows of 12"),
+            "{e}"
+        );
     }
 
     /// `--offload-embedding` and `--offload-layers` reach the decoder and the JSON, and

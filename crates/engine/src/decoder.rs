@@ -145,6 +145,10 @@ pub struct Decoder {
     /// How the adapter path is computed over a bf16 base: fp32-accurate as PEFT (the
     /// default) or in bf16. Only with the fused LoRA op; f32 models are exact either way.
     pub lora_precision: LoraPrecision,
+    /// The fused LM head + loss computes only the rows that carry a label (its
+    /// `skip_ignored`; same loss and gradients). On by default; off runs every row, the
+    /// baseline of an A/B benchmark.
+    pub loss_skips_unlabelled: bool,
     /// The seed of the LoRA dropout masks (training with `lora.dropout > 0` only); see
     /// [`Decoder::begin_dropout_step`].
     pub dropout_seed: u64,
@@ -183,6 +187,7 @@ impl Decoder {
             lora,
             device,
             checkpointing: false,
+            loss_skips_unlabelled: true,
             fusion: Fusion::all(),
             lora_precision: LoraPrecision::default(),
             dropout_seed: 0,
@@ -346,7 +351,7 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: None,
-            skip_ignored: true,
+            skip_ignored: self.loss_skips_unlabelled,
         };
         let out = self
             .fusion
@@ -454,7 +459,7 @@ impl Decoder {
                 ..CrossEntropy::default()
             },
             chunk_tokens: self.loss_chunk_tokens(),
-            skip_ignored: true,
+            skip_ignored: self.loss_skips_unlabelled,
         };
         let loss =
             self.fusion
